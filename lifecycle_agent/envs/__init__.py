@@ -1,0 +1,97 @@
+"""Environments: a registry of pack makers, built-ins and third-party factories.
+
+>>> from lifecycle_agent import envs
+>>> env = envs.make("fact-recall", preset="easy")
+>>> pack = env.pack(seed=1, size=4)
+>>> len(pack.tasks)
+4
+
+Third parties add their own with :func:`register`, or pass ``package.module:factory``
+wherever an environment name is accepted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from ..errors import EnvironmentSpecError
+from .base import PACKINGS, Environment, EnvTask, Pack
+
+__all__ = ["Environment", "EnvTask", "Pack", "PACKINGS", "make", "register", "names", "describe"]
+
+#: Built-in environments, imported on first use: name -> "module:class".
+_BUILTINS: dict[str, str] = {
+    "fact-recall": "lifecycle_agent.envs.fact_recall:FactRecall",
+}
+_REGISTERED: dict[str, Callable[..., Environment]] = {}
+
+
+def register(name: str, factory: Callable[..., Environment], *, overwrite: bool = False) -> None:
+    """Register ``factory(preset=..., **options) -> Environment`` under ``name``."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise EnvironmentSpecError(f"environment name must be a non-empty string without ':', got {name!r}")
+    if not callable(factory):
+        raise EnvironmentSpecError(f"environment factory for {name!r} must be callable")
+    if not overwrite and (name in _REGISTERED or name in _BUILTINS):
+        raise EnvironmentSpecError(f"environment {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTERED[name] = factory
+
+
+def names() -> list[str]:
+    """Every known environment name (built-in and registered)."""
+    return sorted(set(_BUILTINS) | set(_REGISTERED))
+
+
+def _load(target: str, what: str) -> Callable[..., Environment]:
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise EnvironmentSpecError(f"{what}: expected package.module:factory, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EnvironmentSpecError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise EnvironmentSpecError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def factory_for(name: str) -> Callable[..., Environment]:
+    """The factory behind an environment name or ``package.module:factory`` spec."""
+    if not isinstance(name, str) or not name.strip():
+        raise EnvironmentSpecError(f"environment name must be a non-empty string, got {name!r}")
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTINS:
+        return _load(_BUILTINS[name], f"built-in environment {name!r}")
+    if ":" in name:
+        return _load(name, f"environment {name!r}")
+    raise EnvironmentSpecError(f"unknown environment {name!r}; known environments: {', '.join(names())}")
+
+
+def make(name: str, preset: str = "train", **options: Any) -> Environment:
+    """Create an environment by name (or ``package.module:factory``) with a preset and options."""
+    env = factory_for(name)(preset=preset, **options)
+    if not isinstance(env, Environment):
+        raise EnvironmentSpecError(
+            f"environment factory {name!r} returned {type(env).__name__}, not a lifecycle_agent.envs.Environment"
+        )
+    return env
+
+
+def describe() -> list[dict[str, Any]]:
+    """Name, description, presets and options of every known environment."""
+    rows = []
+    for name in names():
+        factory = factory_for(name)
+        cls = factory if isinstance(factory, type) else None
+        rows.append(
+            {
+                "name": name,
+                "description": getattr(cls, "description", "") if cls else (factory.__doc__ or "").strip().split("\n")[0],
+                "presets": list(getattr(cls, "presets", {})) if cls else [],
+                "options": dict(getattr(cls, "defaults", {})) if cls else {},
+            }
+        )
+    return rows

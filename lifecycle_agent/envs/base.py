@@ -1,0 +1,121 @@
+"""The environment protocol: an environment makes *packs*; a pack is S related tasks.
+
+Every task of a pack shares hidden facts derived from the pack seed and differs in
+its visible instance. All pack state lives on the :class:`Pack` object (never in
+module-level dictionaries), so two packs with the same seed can run concurrently.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal, Optional
+
+from ..errors import EnvironmentSpecError
+from ..tasks import InteractiveTask
+
+Packing = Literal["cod", "ralph"]
+PACKINGS = ("cod", "ralph")
+
+
+class EnvTask(InteractiveTask):
+    """A task made by an environment. Knows its pack (hidden facts) and can act as its own oracle."""
+
+    def __init__(self, pack: "Pack", index: int, task_id: str):
+        self.pack = pack
+        self.index = index
+        self.id = task_id
+        self.metadata = {"env": pack.env.name, "preset": pack.env.preset, "seed": pack.seed, "instance": index}
+
+    @property
+    def instructions(self) -> Optional[str]:  # type: ignore[override]
+        return self.pack.env.instructions()
+
+    @abstractmethod
+    def oracle_action(self) -> str:
+        """The action an oracle that knows the hidden facts takes in the current state."""
+
+
+class Environment(ABC):
+    """Base class of every environment. Subclasses set the class attributes and implement :meth:`make_task`.
+
+    Args:
+        preset: a key of :attr:`presets` (``train``, ``easy``, ``hard`` for the built-ins).
+        **options: override single options of the preset (see :attr:`defaults`).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Every option with its default; presets and keyword options may override them.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: Named option sets. ``train`` is the training distribution; ``easy``/``hard`` shift it.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"train": {}, "easy": {}, "hard": {}}
+
+    def __init__(self, preset: str = "train", **options: Any):
+        if preset not in self.presets:
+            raise EnvironmentSpecError(
+                f"environment {self.name!r} has no preset {preset!r}; presets: {', '.join(self.presets)}"
+            )
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "(none)"
+            raise EnvironmentSpecError(
+                f"environment {self.name!r}: unknown option(s) {', '.join(sorted(unknown))}; options: {known}"
+            )
+        self.preset = preset
+        self.options: dict[str, Any] = {**self.defaults, **self.presets[preset], **options}
+
+    def instructions(self) -> Optional[str]:
+        """Rules shared by every task, shown in the system prompt (``None`` for none)."""
+        return None
+
+    @abstractmethod
+    def hidden_facts(self, rng: random.Random) -> dict[str, Any]:
+        """Draw the pack's hidden facts from its seeded random generator."""
+
+    @abstractmethod
+    def make_task(self, pack: "Pack", index: int, task_id: str) -> EnvTask:
+        """The task for visible instance ``index`` of ``pack`` (fresh state every call)."""
+
+    def pack(self, seed: int, size: int, packing: str = "cod") -> "Pack":
+        """A pack of ``size`` tasks from ``seed``: ``cod`` (distinct tasks) or ``ralph`` (one task repeated)."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise EnvironmentSpecError(f"pack seed must be an integer, got {seed!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise EnvironmentSpecError(f"pack size must be an integer >= 1, got {size!r}")
+        if packing not in PACKINGS:
+            raise EnvironmentSpecError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
+        return Pack(self, seed, size, packing)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} preset={self.preset}>"
+
+
+class Pack:
+    """S related tasks sharing hidden facts. All mutable pack state lives here."""
+
+    def __init__(self, env: Environment, seed: int, size: int, packing: str):
+        self.env = env
+        self.seed = seed
+        self.size = size
+        self.packing = packing
+        self.rng = random.Random(f"{env.name}|{env.preset}|{seed}")
+        self.hidden = env.hidden_facts(self.rng)
+        self.state: dict[str, Any] = {}
+        self.id = f"{env.name}/{env.preset}/s{seed}/{packing}{size}"
+        self._tasks: Optional[list[EnvTask]] = None
+
+    @property
+    def tasks(self) -> list[EnvTask]:
+        """The pack's tasks in order; built once, ids ``<pack id>/p<position>``."""
+        if self._tasks is None:
+            self._tasks = [
+                self.env.make_task(self, j if self.packing == "cod" else 0, f"{self.id}/p{j}") for j in range(self.size)
+            ]
+        return self._tasks
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return self.size

@@ -1,0 +1,674 @@
+"""The SQLite store: agents, append-only context versions, episodes and runs.
+
+One module, one small interface (:class:`Store`), so a server database can replace
+it later. Writes run in ``BEGIN IMMEDIATE`` transactions (WAL mode, a busy timeout
+and a retry), so concurrent writers queue instead of failing half-way, and every
+finished episode is committed before the next one begins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import sqlite_utils
+from pydantic import BaseModel, Field
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .errors import (
+    AgentExistsError,
+    AgentNotFoundError,
+    ContextFormatError,
+    SchemaVersionError,
+    StoreError,
+    StoreLockedError,
+    VersionNotFoundError,
+)
+from .protocol import neutralize
+
+#: Schema version written by this release. Older databases are migrated on open.
+SCHEMA_VERSION = 1
+EXPORT_FORMAT = "lifecycle-agent/agent-export"
+EXPORT_FORMAT_VERSION = 1
+MAX_AGENT_ID_CHARS = 128
+
+
+class ContextVersion(BaseModel):
+    """One version of an agent's context. Versions are append-only; version 0 is the initial context."""
+
+    agent_id: str
+    version: int
+    text: str
+    created_at: float = Field(description="Unix time, seconds.")
+    parent_version: Optional[int] = Field(default=None, description="The version this one replaced.")
+    episode_id: Optional[int] = Field(default=None, description="The update episode that wrote it, if any.")
+    source: str = Field(description="init, update, rollback, fork, import or edit.")
+    note: Optional[str] = Field(default=None, description="Why it was written (e.g. rollback to v3, truncated).")
+
+
+class AgentInfo(BaseModel):
+    """An agent as stored: its id, settings and head context version."""
+
+    agent_id: str
+    created_at: float
+    head_version: int
+    settings: dict[str, Any]
+    owner: Optional[str] = None
+    forked_from: Optional[str] = None
+    forked_at_version: Optional[int] = None
+
+
+class EpisodeRow(BaseModel):
+    """One stored episode (solve or update)."""
+
+    episode_id: int
+    agent_id: str
+    run_id: Optional[str]
+    kind: str
+    position: Optional[int]
+    task_id: Optional[str]
+    context_version: Optional[int] = Field(description="Solve: the version shown as Hints. Update: the version it read.")
+    messages: list[dict]
+    answer: Optional[str]
+    reward: Optional[float]
+    feedback: Optional[str]
+    status: str = Field(description="ok, failed (task or model error), or for updates ok / format_miss / failed.")
+    budget_status: Optional[str]
+    error: Optional[str]
+    prompt_set: Optional[str]
+    model_id: Optional[str]
+    prompt_tokens: Optional[int]
+    completion_tokens: Optional[int]
+    turns: list[dict] = Field(default_factory=list, description="Per model call: token ids and log-probs when the model gives them.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    duration_s: Optional[float]
+    completes_task: bool = Field(default=False, description="Whether this episode finished its task (resume skips it).")
+    created_at: float
+
+
+def check_agent_id(agent_id: Any) -> str:
+    """Agent ids: 1-128 characters of letters, digits, ``-``, ``_``, ``.``, ``:``, ``@``; no path parts."""
+    if not isinstance(agent_id, str) or not agent_id:
+        raise ValueError("agent id must be a non-empty string")
+    if len(agent_id) > MAX_AGENT_ID_CHARS:
+        raise ValueError(f"agent id must be at most {MAX_AGENT_ID_CHARS} characters, got {len(agent_id)}")
+    bad = [c for c in agent_id if not (c.isascii() and (c.isalnum() or c in "-_.:@"))]
+    if bad or agent_id in (".", "..") or agent_id.startswith("."):
+        raise ValueError(
+            f"agent id {agent_id!r} is not allowed: use letters, digits and - _ . : @ (not starting with '.')"
+        )
+    return agent_id
+
+
+def _is_locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc).lower() or "busy" in str(exc).lower()
+    )
+
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    head_version INTEGER NOT NULL,
+    settings TEXT NOT NULL,
+    owner TEXT,
+    forked_from TEXT,
+    forked_at_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS contexts (
+    agent_id TEXT NOT NULL REFERENCES agents(agent_id),
+    version INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    parent_version INTEGER,
+    episode_id INTEGER,
+    source TEXT NOT NULL,
+    note TEXT,
+    PRIMARY KEY (agent_id, version)
+);
+CREATE TABLE IF NOT EXISTS episodes (
+    episode_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id TEXT NOT NULL REFERENCES agents(agent_id),
+    run_id TEXT,
+    kind TEXT NOT NULL,
+    position INTEGER,
+    task_id TEXT,
+    context_version INTEGER,
+    messages TEXT NOT NULL,
+    answer TEXT,
+    reward REAL,
+    feedback TEXT,
+    status TEXT NOT NULL,
+    budget_status TEXT,
+    error TEXT,
+    prompt_set TEXT,
+    model_id TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    turns TEXT,
+    metadata TEXT,
+    duration_s REAL,
+    completes_task INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_episodes_agent_task ON episodes (agent_id, task_id, kind);
+CREATE INDEX IF NOT EXISTS idx_episodes_agent ON episodes (agent_id, episode_id);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    status TEXT NOT NULL,
+    source TEXT,
+    options TEXT,
+    n_done INTEGER NOT NULL DEFAULT 0,
+    n_failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS idx_runs_agent ON runs (agent_id, started_at);
+"""
+
+#: Migrations from version N-1 to N, applied in order inside one transaction.
+#: Each takes the raw connection. Version 1 is the initial schema.
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+
+
+class Store:
+    """The SQLite store behind every agent. Thread-safe; one connection per ``Store``.
+
+    Args:
+        path: database file. Its directory must exist. ``":memory:"`` for tests.
+        busy_timeout: seconds a writer waits for another process's write lock before
+            :class:`StoreLockedError` (default 10 s).
+    """
+
+    def __init__(self, path: str | os.PathLike, busy_timeout: float = 10.0, *, create: bool = True):
+        self.path = str(path)
+        self.busy_timeout = float(busy_timeout)
+        if self.path != ":memory:" and not create and not Path(self.path).expanduser().exists():
+            raise StoreError(f"database {self.path} does not exist (check --db)")
+        if self.path != ":memory:":
+            directory = Path(self.path).expanduser().resolve().parent
+            if not directory.is_dir():
+                raise StoreError(f"cannot open database {self.path}: directory {directory} does not exist")
+            if Path(self.path).is_dir():
+                raise StoreError(f"cannot open database {self.path}: it is a directory")
+            if not os.access(directory, os.W_OK):
+                raise StoreError(f"cannot open database {self.path}: directory {directory} is not writable")
+        try:
+            self.conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc} (is it an SQLite file?)") from None
+        self.db = sqlite_utils.Database(self.conn)
+        self._lock = threading.RLock()
+        self._migrate()
+
+    # ---------------------------------------------------------------- plumbing
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): all or nothing, one writer at a time."""
+        with self._lock:
+            if self.conn.in_transaction:  # nested: join the outer transaction
+                yield self.conn
+                return
+            try:
+                for attempt in Retrying(
+                    retry=retry_if_exception(_is_locked),
+                    stop=stop_after_attempt(3),
+                    wait=wait_exponential(multiplier=0.05, max=1.0),
+                    reraise=True,
+                ):
+                    with attempt:
+                        self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _is_locked(exc):
+                    raise StoreLockedError(
+                        f"database {self.path} is locked by another writer for more than "
+                        f"{self.busy_timeout:g} s; retry later or raise busy_timeout"
+                    ) from None
+                raise StoreError(f"cannot write to database {self.path}: {exc}") from None
+            try:
+                yield self.conn
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            else:
+                try:
+                    self.conn.execute("COMMIT")
+                except sqlite3.OperationalError as exc:
+                    if self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+                    raise StoreError(f"cannot commit to database {self.path}: {exc}") from None
+
+    def _read(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                cursor = self.conn.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                if _is_locked(exc):
+                    raise StoreLockedError(f"database {self.path} stayed locked for more than {self.busy_timeout:g} s") from None
+                raise StoreError(f"cannot read database {self.path}: {exc}") from None
+            columns = [c[0] for c in cursor.description or ()]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    def schema_version(self) -> int:
+        if "meta" not in self.db.table_names():
+            return 0
+        rows = self._read("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(rows[0]["value"]) if rows else 0
+
+    def _migrate(self) -> None:
+        try:
+            current = self.schema_version()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc} (is it an SQLite file?)") from None
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database {self.path} was written by schema version {current}, newer than this "
+                f"lifecycle-agent supports ({SCHEMA_VERSION}); upgrade lifecycle-agent to open it"
+            )
+        if current == SCHEMA_VERSION:
+            return
+        if current == 0 and self.db.table_names() and "agents" not in self.db.table_names():
+            raise StoreError(
+                f"database {self.path} holds other tables ({', '.join(self.db.table_names()[:5])}) "
+                "and no lifecycle-agent schema; use a separate file"
+            )
+        with self.transaction() as conn:
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    # ---------------------------------------------------------------- agents
+    def create_agent(
+        self,
+        agent_id: str,
+        settings: dict[str, Any] | None = None,
+        *,
+        owner: str | None = None,
+        initial_context: str = "",
+        exist_ok: bool = False,
+        forked_from: str | None = None,
+        forked_at_version: int | None = None,
+        source: str = "init",
+        note: str | None = None,
+    ) -> AgentInfo:
+        """Create an agent with context version 0. ``exist_ok`` returns the existing agent instead."""
+        check_agent_id(agent_id)
+        now = time.time()
+        with self.transaction() as conn:
+            existing = conn.execute("SELECT 1 FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            if existing:
+                if exist_ok:
+                    return self.get_agent(agent_id)
+                raise AgentExistsError(f"agent {agent_id!r} already exists in {self.path}")
+            conn.execute(
+                "INSERT INTO agents (agent_id, created_at, head_version, settings, owner, forked_from, forked_at_version)"
+                " VALUES (?, ?, 0, ?, ?, ?, ?)",
+                (agent_id, now, json.dumps(settings or {}, sort_keys=True), owner, forked_from, forked_at_version),
+            )
+            conn.execute(
+                "INSERT INTO contexts (agent_id, version, text, created_at, parent_version, episode_id, source, note)"
+                " VALUES (?, 0, ?, ?, NULL, NULL, ?, ?)",
+                (agent_id, neutralize(initial_context), now, source, note),
+            )
+        return self.get_agent(agent_id)
+
+    def get_agent(self, agent_id: str) -> AgentInfo:
+        rows = self._read("SELECT * FROM agents WHERE agent_id = ?", (agent_id,))
+        if not rows:
+            raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
+        row = rows[0]
+        row["settings"] = json.loads(row["settings"])
+        return AgentInfo(**row)
+
+    def has_agent(self, agent_id: str) -> bool:
+        return bool(self._read("SELECT 1 FROM agents WHERE agent_id = ?", (agent_id,)))
+
+    def list_agents(self, owner: str | None = None) -> list[AgentInfo]:
+        if owner is None:
+            rows = self._read("SELECT * FROM agents ORDER BY agent_id")
+        else:
+            rows = self._read("SELECT * FROM agents WHERE owner = ? ORDER BY agent_id", (owner,))
+        for row in rows:
+            row["settings"] = json.loads(row["settings"])
+        return [AgentInfo(**row) for row in rows]
+
+    def update_settings(self, agent_id: str, settings: dict[str, Any]) -> AgentInfo:
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE agents SET settings = ? WHERE agent_id = ?", (json.dumps(settings, sort_keys=True), agent_id)
+            )
+            if cur.rowcount == 0:
+                raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
+        return self.get_agent(agent_id)
+
+    def delete_agent(self, agent_id: str) -> None:
+        """Delete an agent with its contexts, episodes and runs (an explicit, irreversible action)."""
+        with self.transaction() as conn:
+            if not conn.execute("SELECT 1 FROM agents WHERE agent_id = ?", (agent_id,)).fetchone():
+                raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
+            for table in ("episodes", "contexts", "runs", "agents"):
+                conn.execute(f"DELETE FROM {table} WHERE agent_id = ?", (agent_id,))
+
+    # ---------------------------------------------------------------- contexts
+    def head(self, agent_id: str) -> ContextVersion:
+        """The current (newest) context version of an agent."""
+        rows = self._read(
+            "SELECT c.* FROM agents a JOIN contexts c ON c.agent_id = a.agent_id AND c.version = a.head_version"
+            " WHERE a.agent_id = ?",
+            (agent_id,),
+        )
+        if not rows:
+            raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
+        return ContextVersion(**rows[0])
+
+    def get_version(self, agent_id: str, version: int) -> ContextVersion:
+        rows = self._read("SELECT * FROM contexts WHERE agent_id = ? AND version = ?", (agent_id, int(version)))
+        if not rows:
+            self.get_agent(agent_id)
+            head = self.head(agent_id).version
+            raise VersionNotFoundError(f"agent {agent_id!r} has no context version {version} (versions 0..{head})")
+        return ContextVersion(**rows[0])
+
+    def history(self, agent_id: str, limit: int | None = None, offset: int = 0) -> list[ContextVersion]:
+        """Context versions, oldest first."""
+        self.get_agent(agent_id)
+        sql = "SELECT * FROM contexts WHERE agent_id = ? ORDER BY version"
+        params: tuple = (agent_id,)
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params = (agent_id, int(limit), int(offset))
+        return [ContextVersion(**row) for row in self._read(sql, params)]
+
+    def write_context(
+        self,
+        agent_id: str,
+        text: str,
+        *,
+        source: str,
+        episode_id: int | None = None,
+        note: str | None = None,
+        expected_head: int | None = None,
+    ) -> ContextVersion:
+        """Append a new context version and make it the head.
+
+        ``expected_head`` (optional) makes the write conditional: when the head moved since
+        the caller read it, :class:`ContextConflictError` is raised and nothing is written.
+        """
+        text = neutralize(text)
+        now = time.time()
+        with self.transaction() as conn:
+            row = conn.execute("SELECT head_version FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            if row is None:
+                raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
+            head = row[0]
+            if expected_head is not None and head != expected_head:
+                raise ContextConflictError(agent_id, expected_head, head)
+            version = head + 1
+            conn.execute(
+                "INSERT INTO contexts (agent_id, version, text, created_at, parent_version, episode_id, source, note)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (agent_id, version, text, now, head, episode_id, source, note),
+            )
+            conn.execute("UPDATE agents SET head_version = ? WHERE agent_id = ?", (version, agent_id))
+        return ContextVersion(
+            agent_id=agent_id, version=version, text=text, created_at=now, parent_version=head,
+            episode_id=episode_id, source=source, note=note,
+        )
+
+    def rollback(self, agent_id: str, version: int) -> ContextVersion:
+        """Make an old version current again by appending a copy of it (nothing is deleted)."""
+        old = self.get_version(agent_id, version)
+        return self.write_context(agent_id, old.text, source="rollback", note=f"rollback to version {version}")
+
+    def diff(self, agent_id: str, a: int, b: int) -> str:
+        """Unified diff between two context versions (empty when equal)."""
+        va, vb = self.get_version(agent_id, a), self.get_version(agent_id, b)
+        lines = difflib.unified_diff(
+            va.text.splitlines(), vb.text.splitlines(), f"{agent_id}@v{a}", f"{agent_id}@v{b}", lineterm=""
+        )
+        return "\n".join(lines)
+
+    def fork(self, agent_id: str, new_agent_id: str, version: int | None = None, *, owner: str | None = None) -> AgentInfo:
+        """A new agent whose version 0 is ``agent_id``'s context at ``version`` (default: head)."""
+        source = self.get_agent(agent_id)
+        snapshot = self.head(agent_id) if version is None else self.get_version(agent_id, version)
+        return self.create_agent(
+            new_agent_id,
+            source.settings,
+            owner=owner if owner is not None else source.owner,
+            initial_context=snapshot.text,
+            forked_from=agent_id,
+            forked_at_version=snapshot.version,
+            source="fork",
+            note=f"fork of {agent_id} at version {snapshot.version}",
+        )
+
+    def export_agent(self, agent_id: str) -> dict[str, Any]:
+        """The agent's settings and every context version as a JSON-ready dict."""
+        info = self.get_agent(agent_id)
+        return {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_FORMAT_VERSION,
+            "agent_id": agent_id,
+            "settings": info.settings,
+            "head_version": info.head_version,
+            "versions": [v.model_dump(exclude={"agent_id"}) for v in self.history(agent_id)],
+        }
+
+    def import_agent(self, data: Any, agent_id: str | None = None, *, owner: str | None = None) -> AgentInfo:
+        """Create an agent from :meth:`export_agent` output, all versions kept. Refuses an existing id."""
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise ContextFormatError(f"not a lifecycle-agent export: expected a JSON object with format {EXPORT_FORMAT!r}")
+        if data.get("format_version") != EXPORT_FORMAT_VERSION:
+            raise ContextFormatError(
+                f"export format version {data.get('format_version')!r} is not supported (this release reads {EXPORT_FORMAT_VERSION})"
+            )
+        versions = data.get("versions")
+        if not isinstance(versions, list) or not versions:
+            raise ContextFormatError("export holds no context versions ('versions' must be a non-empty list)")
+        for i, v in enumerate(versions):
+            if not isinstance(v, dict) or not isinstance(v.get("text"), str) or v.get("version") != i:
+                raise ContextFormatError(
+                    f"export version entry {i}: expected an object with 'version': {i} and a string 'text'"
+                )
+        new_id = check_agent_id(agent_id or data.get("agent_id"))
+        settings = data.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise ContextFormatError("export 'settings' must be a JSON object")
+        now = time.time()
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM agents WHERE agent_id = ?", (new_id,)).fetchone():
+                raise AgentExistsError(f"agent {new_id!r} already exists in {self.path}; import under another id")
+            conn.execute(
+                "INSERT INTO agents (agent_id, created_at, head_version, settings, owner) VALUES (?, ?, ?, ?, ?)",
+                (new_id, now, len(versions) - 1, json.dumps(settings, sort_keys=True), owner),
+            )
+            for v in versions:
+                conn.execute(
+                    "INSERT INTO contexts (agent_id, version, text, created_at, parent_version, episode_id, source, note)"
+                    " VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+                    (
+                        new_id, v["version"], neutralize(v["text"]), float(v.get("created_at") or now),
+                        v.get("parent_version"), str(v.get("source") or "import"), v.get("note"),
+                    ),
+                )
+        return self.get_agent(new_id)
+
+    # ---------------------------------------------------------------- episodes
+    def record_episode(self, **fields: Any) -> int:
+        """Insert one finished episode; returns its id. JSON fields are serialised here."""
+        row = _episode_row(fields)
+        with self.transaction() as conn:
+            return self._insert_episode(conn, row)
+
+    def record_update(
+        self,
+        *,
+        new_text: str | None,
+        note: str | None = None,
+        expected_head: int | None = None,
+        **fields: Any,
+    ) -> tuple[int, ContextVersion | None]:
+        """Insert an update episode and, when ``new_text`` is given, the context version it wrote: one transaction.
+
+        With ``expected_head``, a moved head raises :class:`ContextConflictError` and nothing is written.
+        """
+        row = _episode_row(fields)
+        with self.transaction() as conn:
+            episode_id = self._insert_episode(conn, row)
+            version = None
+            if new_text is not None:
+                version = self.write_context(
+                    row["agent_id"], new_text, source="update", episode_id=episode_id, note=note, expected_head=expected_head
+                )
+        return episode_id, version
+
+    def _insert_episode(self, conn: sqlite3.Connection, row: dict[str, Any]) -> int:
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        cur = conn.execute(f"INSERT INTO episodes ({columns}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid)
+
+    def episodes(
+        self,
+        agent_id: str,
+        *,
+        kind: str | None = None,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        limit: int | None = 100,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> list[EpisodeRow]:
+        """Stored episodes of an agent, oldest first unless ``newest_first``."""
+        self.get_agent(agent_id)
+        where, params = ["agent_id = ?"], [agent_id]
+        for column, value in (("kind", kind), ("task_id", task_id), ("run_id", run_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        sql = f"SELECT * FROM episodes WHERE {' AND '.join(where)} ORDER BY episode_id {'DESC' if newest_first else 'ASC'}"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [int(limit), int(offset)]
+        return [_episode_from_row(r) for r in self._read(sql, tuple(params))]
+
+    def get_episode(self, episode_id: int) -> EpisodeRow:
+        rows = self._read("SELECT * FROM episodes WHERE episode_id = ?", (int(episode_id),))
+        if not rows:
+            raise KeyError(f"no episode {episode_id} in {self.path}")
+        return _episode_from_row(rows[0])
+
+    def count_episodes(self, agent_id: str, kind: str | None = None) -> int:
+        if kind is None:
+            rows = self._read("SELECT COUNT(*) AS n FROM episodes WHERE agent_id = ?", (agent_id,))
+        else:
+            rows = self._read("SELECT COUNT(*) AS n FROM episodes WHERE agent_id = ? AND kind = ?", (agent_id, kind))
+        return int(rows[0]["n"])
+
+    def task_state(self, agent_id: str, task_id: str) -> tuple[str, EpisodeRow | None]:
+        """Where a task stands for an agent: ``new``, ``solved`` (solve stored, update missing) or ``done``.
+
+        Returns the stored solve episode with ``solved`` so a resumed run can write the
+        missing update without solving the task again.
+        """
+        rows = self._read(
+            "SELECT * FROM episodes WHERE agent_id = ? AND task_id = ? ORDER BY episode_id DESC LIMIT 4",
+            (agent_id, task_id),
+        )
+        if any(r["completes_task"] for r in rows):
+            return "done", None
+        solves = [r for r in rows if r["kind"] == "solve" and r["status"] != "failed"]
+        if solves:
+            return "solved", _episode_from_row(solves[0])
+        return "new", None
+
+    # ---------------------------------------------------------------- runs
+    def start_run(self, run_id: str, agent_id: str, *, source: str | None = None, options: dict | None = None) -> None:
+        with self.transaction() as conn:
+            exists = conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if exists:
+                conn.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", (run_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO runs (run_id, agent_id, started_at, status, source, options) VALUES (?, ?, ?, 'running', ?, ?)",
+                    (run_id, agent_id, time.time(), source, json.dumps(options or {}, sort_keys=True, default=str)),
+                )
+
+    def finish_run(self, run_id: str, status: str, n_done: int, n_failed: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, n_done = n_done + ?, n_failed = n_failed + ? WHERE run_id = ?",
+                (status, time.time(), n_done, n_failed, run_id),
+            )
+
+    def runs(self, agent_id: str) -> list[dict[str, Any]]:
+        return self._read("SELECT * FROM runs WHERE agent_id = ? ORDER BY started_at", (agent_id,))
+
+
+class ContextConflictError(StoreError):
+    """A conditional context write found that the head had moved (another writer got there first)."""
+
+    def __init__(self, agent_id: str, expected: int, actual: int):
+        super().__init__(
+            f"agent {agent_id!r}: context head is version {actual}, not {expected}; re-read the context and retry"
+        )
+        self.agent_id, self.expected, self.actual = agent_id, expected, actual
+
+
+_JSON_FIELDS = ("messages", "turns", "metadata")
+_EPISODE_COLUMNS = (
+    "agent_id", "run_id", "kind", "position", "task_id", "context_version", "messages", "answer", "reward",
+    "feedback", "status", "budget_status", "error", "prompt_set", "model_id", "prompt_tokens",
+    "completion_tokens", "turns", "metadata", "duration_s", "completes_task", "created_at",
+)
+
+
+def _episode_row(fields: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(fields) - set(_EPISODE_COLUMNS)
+    if unknown:
+        raise TypeError(f"unknown episode fields: {', '.join(sorted(unknown))}")
+    row = {k: fields.get(k) for k in _EPISODE_COLUMNS}
+    row["created_at"] = row["created_at"] or time.time()
+    row["completes_task"] = 1 if row["completes_task"] else 0
+    row["messages"] = row["messages"] or []
+    for key in _JSON_FIELDS:
+        row[key] = json.dumps(row[key] if row[key] is not None else ([] if key != "metadata" else {}), default=str)
+    return row
+
+
+def _episode_from_row(row: dict[str, Any]) -> EpisodeRow:
+    for key in _JSON_FIELDS:
+        row[key] = json.loads(row[key]) if row.get(key) else ([] if key != "metadata" else {})
+    return EpisodeRow(**row)
