@@ -45,7 +45,7 @@ class TaskRecord(BaseModel):
 
     task_id: str
     position: int = Field(description="Index of the task in the stream, from 0.")
-    answer: Optional[str] = Field(default=None, description="The model's answer (``Answer:`` line of a single-turn task, else the last reply).")
+    answer: Optional[str] = Field(default=None, description="The model's answer: the last ``Answer:`` line of its final reply, else that whole reply.")
     reward: Optional[float] = None
     feedback: Optional[str] = None
     context_version: int = Field(description="Context version shown as Hints while solving.")
@@ -383,7 +383,7 @@ class LifecycleAgent:
             error = str(exc)
         except Exception as exc:  # a task's own code failed: record it on the episode, keep the run going
             error = f"{where} raised {type(exc).__name__}: {exc}"
-        answer = (extract_answer(last_reply) if isinstance(task, Task) else last_reply.strip()) if last_reply else None
+        answer = extract_answer(last_reply) if last_reply else None
         status = "failed" if error else "ok"
         # A model failure can be retried by a rerun; a task's own failure would repeat, so it completes the task.
         completes = (not update and not model_failed) or (error is not None and not model_failed)
@@ -634,6 +634,71 @@ class LifecycleAgent:
         if update and record.status == "ok":
             yield from self._update(record, messages, head.version, None, None)
         record.duration_s = time.perf_counter() - started
+        return record
+
+    # ------------------------------------------------------------------ chat + feedback (the server's loop)
+    def chat_flow(self, messages: list[dict], *, task_id: Optional[str] = None, metadata: Optional[dict] = None) -> _Flow:
+        """A solve episode over free-form chat messages, awaiting feedback. Returns ``(episode_id, Generation)``.
+
+        The agent's context goes into the Hints section of a fresh system prompt; the
+        caller's own system messages follow as instructions, then its conversation.
+        Rate the reply later with :meth:`feedback_flow`.
+        """
+        if not isinstance(messages, list) or not messages:
+            raise TaskFormatError("messages must be a non-empty list of {'role', 'content'} objects")
+        started = time.perf_counter()
+        head = self.store.head(self.agent_id)
+        context = head.text if self.context_mode != "none" else ""
+        system_parts, conversation = [], []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message:
+                raise TaskFormatError(f"messages[{i}] must be an object with 'role' and 'content'")
+            content = protocol.flatten_content(message.get("content"))
+            if message["role"] in ("system", "developer"):
+                system_parts.append(content)
+            else:
+                conversation.append({"role": message["role"], "content": protocol.neutralize(content)})
+        if not conversation:
+            raise TaskFormatError("messages hold no user message")
+        first = protocol.solve_messages(
+            context, conversation[0]["content"] if conversation[0]["role"] == "user" else "",
+            self.settings.prompt_set, "\n\n".join(system_parts) or None,
+        )
+        prompt = [first[0]] + (conversation if conversation[0]["role"] != "user" else [first[1]] + conversation[1:])
+        reply = yield ModelCall(prompt, self.temperature, self.max_new_tokens)
+        transcript = prompt + [{"role": "assistant", "content": reply.text}]
+        episode_id = self.store.record_episode(
+            agent_id=self.agent_id, kind="solve", task_id=task_id, context_version=head.version,
+            messages=transcript, answer=reply.text, status="ok", prompt_set=self.settings.prompt_set,
+            model_id=self.model.model_id, prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+            turns=[reply.turn_record()], metadata={**(metadata or {}), "awaiting_feedback": True},
+            duration_s=time.perf_counter() - started, completes_task=False,
+        )
+        return episode_id, reply
+
+    def feedback_flow(self, episode_id: int, reward: Optional[float], feedback: Optional[str]) -> _Flow:
+        """The update episode for a chat episode, given its reward and feedback. Returns a :class:`TaskRecord`.
+
+        Raises :class:`KeyError` for an episode of another agent or not a solve episode, and
+        :class:`~lifecycle_agent.errors.FeedbackConflictError` when it was already rated.
+        """
+        from .errors import FeedbackConflictError
+
+        try:
+            row = self.store.get_episode(episode_id)
+        except KeyError:
+            raise KeyError(f"agent {self.agent_id!r} has no episode {episode_id}") from None
+        if row.agent_id != self.agent_id or row.kind != "solve":
+            raise KeyError(f"agent {self.agent_id!r} has no solve episode {episode_id}")
+        if reward is not None and not (isinstance(reward, (int, float)) and reward == reward):
+            raise ValueError(f"reward must be a number or null, got {reward!r}")
+        if not self.store.claim_feedback(episode_id, None if reward is None else float(reward), feedback):
+            raise FeedbackConflictError(f"episode {episode_id} of agent {self.agent_id!r} already has feedback")
+        record = yield from self.update_flow(
+            row.messages, None if reward is None else float(reward), feedback,
+            task_id=row.task_id or f"episode-{episode_id}", read_version=None,
+            metadata={"solve_episode_id": episode_id},
+        )
         return record
 
     def __repr__(self) -> str:

@@ -59,3 +59,7 @@ class ModelAuthError(ModelCallError):
 
 class EnvironmentSpecError(LifecycleAgentError, ValueError):
     """An environment name, preset or option is not understood."""
+
+
+class FeedbackConflictError(LifecycleAgentError):
+    """Feedback was given for an episode that already has feedback."""

@@ -590,6 +590,22 @@ class Store:
             raise KeyError(f"no episode {episode_id} in {self.path}")
         return _episode_from_row(rows[0])
 
+    def claim_feedback(self, episode_id: int, reward: float | None, feedback: str | None) -> bool:
+        """Attach late feedback to a solve episode once; ``False`` when it already had some."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT metadata FROM episodes WHERE episode_id = ?", (int(episode_id),)).fetchone()
+            if row is None:
+                raise KeyError(f"no episode {episode_id} in {self.path}")
+            metadata = json.loads(row[0]) if row[0] else {}
+            if not metadata.get("awaiting_feedback"):
+                return False
+            metadata["awaiting_feedback"] = False
+            conn.execute(
+                "UPDATE episodes SET reward = ?, feedback = ?, metadata = ?, completes_task = 1 WHERE episode_id = ?",
+                (reward, feedback, json.dumps(metadata, default=str), int(episode_id)),
+            )
+        return True
+
     def count_episodes(self, agent_id: str, kind: str | None = None) -> int:
         if kind is None:
             rows = self._read("SELECT COUNT(*) AS n FROM episodes WHERE agent_id = ?", (agent_id,))

@@ -7,7 +7,8 @@ Spec strings (CLI, server, config files):
 - ``smollm2`` or ``smollm2@ADAPTER_DIR``: the embedded SmolLM2-135M-Instruct, optionally with a PEFT adapter;
 - ``hf:PATH`` or ``hf:PATH@ADAPTER_DIR``: a local transformers model directory, optionally with a PEFT adapter;
 - ``openai:MODEL``: an OpenAI-compatible endpoint (``--base-url`` / ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``);
-- ``py:package.module:callable``: a Python callable ``fn(messages) -> str`` or a :class:`ChatModel`.
+- ``py:package.module:callable``: a Python callable ``fn(messages) -> str`` or a :class:`ChatModel`;
+- ``scripted``: :class:`~lifecycle_agent.models.scripted.ScriptedModel`, a deterministic note-taking policy.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SPEC_FORMS = (
     "hf:PATH[@ADAPTER_DIR]",
     "openai:MODEL (with --base-url or OPENAI_BASE_URL)",
     "py:package.module:callable",
+    "scripted (a deterministic note-taking policy for tests and demos)",
 )
 
 
@@ -91,6 +93,10 @@ def _from_spec(spec: str, *, base_url, api_key, device, dtype, **options) -> Cha
     if not spec:
         raise _spec_error(spec, "empty spec")
     head, sep, rest = spec.partition(":")
+    if spec == "scripted":
+        from .scripted import ScriptedModel
+
+        return ScriptedModel()
     if spec == "smollm2" or spec.startswith("smollm2@"):
         _, adapter = _split_adapter(spec)
         from .smollm2 import load_smollm2
@@ -111,6 +117,8 @@ def _from_spec(spec: str, *, base_url, api_key, device, dtype, **options) -> Cha
         from .openai_compat import OpenAIModel
 
         return OpenAIModel(rest, base_url=base_url, api_key=api_key, **options)
+    if head == "scripted" and not rest:
+        raise _spec_error(spec, "scripted: takes no argument; use 'scripted'")
     if head == "py":
         module_name, sep2, attr = rest.rpartition(":")
         if not sep2 or not module_name or not attr:

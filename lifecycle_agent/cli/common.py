@@ -1,0 +1,42 @@
+"""Shared CLI options and printing helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+DB_OPTION = typer.Option("lifecycle-agent.db", "--db", help="SQLite database file holding the agents.")
+AGENT_OPTION = typer.Option("default", "--agent", "-a", help="Agent id.")
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+MODEL_OPTION = typer.Option(
+    "smollm2",
+    "--model",
+    "-m",
+    help="Model spec: smollm2[@ADAPTER_DIR], hf:PATH[@ADAPTER_DIR], openai:MODEL, py:package.module:callable.",
+)
+BASE_URL_OPTION = typer.Option(None, "--base-url", help="Base URL of an OpenAI-compatible endpoint (openai: specs).")
+API_KEY_OPTION = typer.Option(None, "--api-key", help="API key for openai: specs (default: OPENAI_API_KEY).", envvar=None)
+
+
+def print_json(data: Any) -> None:
+    """Write JSON to stdout (no colour, no wrapping: safe for pipes)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def load_model(spec: str, base_url: Optional[str], api_key: Optional[str]):
+    """Resolve a model spec, passing endpoint options only to the kinds that take them."""
+    from ..models import resolve_model
+
+    if spec.startswith("openai:"):
+        return resolve_model(spec, base_url=base_url, api_key=api_key)
+    if base_url or api_key:
+        raise typer.BadParameter("--base-url/--api-key only apply to openai: model specs", param_hint="--base-url")
+    return resolve_model(spec)

@@ -1,0 +1,138 @@
+"""``lifecycle-agent run``: an agent over a task file or a built-in environment."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..agent import LifecycleAgent, RunResult, TaskRecord
+from ..errors import TaskFormatError
+from . import app
+from .common import (
+    AGENT_OPTION, API_KEY_OPTION, BASE_URL_OPTION, DB_OPTION, JSON_OPTION, MODEL_OPTION, console, err_console,
+    load_model, print_json,
+)
+
+
+def build_tasks(tasks_file: Optional[Path], env: Optional[str], preset: str, seed: int, n: Optional[int], packing: str):
+    """The task list for ``run``: a validated JSONL file or one pack of an environment."""
+    if (tasks_file is None) == (env is None):
+        raise typer.BadParameter("give exactly one of --tasks FILE.jsonl or --env NAME", param_hint="--tasks/--env")
+    if tasks_file is not None:
+        from ..tasks import load_tasks_jsonl
+
+        tasks = load_tasks_jsonl(tasks_file)
+        return tasks[:n] if n is not None else tasks
+    from .. import envs
+
+    return envs.make(env, preset=preset).pack(seed=seed, size=n or 8, packing=packing).tasks
+
+
+def _short(text: Optional[str], width: int = 40) -> str:
+    text = (text or "").replace("\n", " ").strip()
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def summary_table(result: RunResult) -> Table:
+    table = Table(title=f"run {result.run_id} of agent {result.agent_id}")
+    for column in ("pos", "task", "reward", "answer", "update", "context v", "context chars", "status"):
+        table.add_column(column)
+    for r in result.records:
+        table.add_row(
+            str(r.position), _short(r.task_id, 36), "-" if r.reward is None else f"{r.reward:.2f}", _short(r.answer, 24),
+            r.update_status or "-", str(r.new_context_version if r.new_context_version is not None else r.context_version),
+            str(r.context_chars), r.status if r.status == "ok" else f"[red]{r.status}[/]",
+        )
+    mean = result.mean_reward
+    tokens = sum((r.completion_tokens or 0) for r in result.records)
+    table.caption = (
+        f"{len(result.records)} solved, {len(result.skipped)} already done, {len(result.failed)} failed; "
+        f"mean reward {'-' if mean is None else f'{mean:.3f}'}; {tokens} completion tokens"
+    )
+    return table
+
+
+@app.command("run")
+def run(
+    tasks: Optional[Path] = typer.Option(None, "--tasks", "-t", help="JSONL task file (one JSON object with 'prompt' per line)."),
+    env: Optional[str] = typer.Option(None, "--env", "-e", help="Built-in environment name (or package.module:factory)."),
+    preset: str = typer.Option("train", "--preset", help="Environment preset (with --env)."),
+    seed: int = typer.Option(0, "--seed", help="Pack seed (with --env): which hidden facts the tasks share."),
+    packing: str = typer.Option("cod", "--packing", help="cod (distinct related tasks) or ralph (one task repeated)."),
+    n: Optional[int] = typer.Option(None, "-n", "--num-tasks", min=1, help="Tasks to run (default: whole file, or 8 with --env)."),
+    model: str = MODEL_OPTION,
+    base_url: Optional[str] = BASE_URL_OPTION,
+    api_key: Optional[str] = API_KEY_OPTION,
+    db: str = DB_OPTION,
+    agent: str = AGENT_OPTION,
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (default: the model's)."),
+    context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Context budget, characters (stored with the agent)."),
+    parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict (stored with the agent)."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed task."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Solve tasks again even if this agent completed them."),
+    show_context: bool = typer.Option(True, "--show-context/--quiet", help="Print each task's outcome and the context as it evolves."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run an agent over tasks, updating its context after each one. Rerun the same command to resume."""
+    if parse_policy is not None and parse_policy not in ("lenient", "strict"):
+        raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
+    task_list = build_tasks(tasks, env, preset, seed, n, packing)
+    if not as_json:
+        err_console.print(f"loading model {model} ...")
+    chat_model = load_model(model, base_url, api_key)
+    lifecycle = LifecycleAgent(
+        chat_model, db, agent, temperature=temperature, context_budget=context_budget, parse_policy=parse_policy
+    )
+    if as_json:
+        result = lifecycle.run(task_list, fail_fast=fail_fast, resume=not no_resume)
+        print_json(
+            {
+                **result.model_dump(),
+                "mean_reward": result.mean_reward,
+                "context": lifecycle.context,
+                "context_version": lifecycle.context_version,
+            }
+        )
+        raise typer.Exit(1 if result.failed else 0)
+
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console, transient=True,
+    )
+
+    def on_record(record: TaskRecord) -> None:
+        progress.advance(bar)
+        reward = "-" if record.reward is None else f"{record.reward:.2f}"
+        progress.update(bar, status=f"last reward {reward}")
+        if show_context:
+            title = f"task {record.position} · reward {reward} · answer {_short(record.answer, 30)!s}"
+            body = record.error if record.status == "failed" else (lifecycle.context or "(empty)")
+            subtitle = (
+                f"failed" if record.status == "failed"
+                else f"context v{record.new_context_version if record.new_context_version is not None else record.context_version}"
+                f" · update {record.update_status or '-'}"
+            )
+            progress.console.print(Panel(body, title=title, subtitle=subtitle, title_align="left", subtitle_align="right"))
+
+    with progress:
+        bar = progress.add_task(f"agent {agent}", total=len(task_list), status="")
+        result = lifecycle.run(task_list, fail_fast=fail_fast, resume=not no_resume, on_record=on_record)
+        progress.update(bar, completed=len(task_list))
+    if result.skipped:
+        console.print(f"{len(result.skipped)} task(s) already completed by agent {agent}: skipped (use --no-resume to solve them again)")
+    console.print(summary_table(result))
+    console.print(f"final context (version {lifecycle.context_version}, {time.perf_counter() - started:.1f} s):")
+    console.print(Panel(lifecycle.context or "(empty)"), markup=False)
+    if result.stopped:
+        err_console.print(f"[red]stopped:[/] {result.stopped}")
+    raise typer.Exit(1 if result.failed else 0)
+
+
+__all__ = ["run", "build_tasks", "summary_table", "TaskFormatError"]
