@@ -58,8 +58,8 @@ class InteractiveTask(ABC):
         return StepResult("", 0.0, True, f"The turn limit ({self.max_turns}) was reached before the task was finished.")
 
 
-_ANSWER_LINE = re.compile(r"^[\s*>#-]*answer\s*\**\s*[:=]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-_ANSWER_INLINE = re.compile(r"answer\s*\**\s*[:=]\s*(.+)", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"^[\s*>#-]*answer\s*\**\s*[:=]\s*\**\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+_ANSWER_INLINE = re.compile(r"answer\s*\**\s*[:=]\s*\**\s*(.+)", re.IGNORECASE)
 
 
 def extract_answer(reply: str) -> str:
@@ -214,7 +214,9 @@ def coerce_task(item: Any, index: int, where: str = "task stream") -> AnyTask:
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown field is usually a typo of a missing one: report it first.
+    err = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
     field = ".".join(str(p) for p in err.get("loc", ())) or "task"
     msg = err.get("msg", "invalid")
     if err.get("type") == "missing":

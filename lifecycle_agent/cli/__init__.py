@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
+from rich.markup import escape
 
 from ..errors import LifecycleAgentError
 from .common import err_console
@@ -34,18 +35,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lifecycle-agent", standalone_mode=False)
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except TyperException as exc:
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except (LifecycleAgentError, ValueError, KeyError, OSError) as exc:
         if os.environ.get("LIFECYCLE_AGENT_DEBUG"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)

@@ -79,6 +79,7 @@ class AgentScopeModel(ChatModel):
                 f"AgentScopeModel needs an agentscope ChatModelBase instance (e.g. "
                 f"agentscope.model.OpenAIChatModel), got {type(model).__name__}"
             )
+        _require_agentscope_2()
         name = getattr(model, "model", None)
         if not isinstance(name, str) or not name:
             name = type(model).__name__
@@ -123,10 +124,10 @@ class AgentScopeModel(ChatModel):
         return await _SharedLoop.get().run_async(coro)
 
     async def _call(self, messages: list[dict], temperature: Optional[float], max_new_tokens: Optional[int]) -> Generation:
-        msgs = to_agentscope_msgs(messages, model_id=self.model_id)
         temp = temperature if temperature is not None else self.default_temperature
-        model = self._model_for_call(temp, max_new_tokens)
         try:
+            msgs = to_agentscope_msgs(messages, model_id=self.model_id)
+            model = self._model_for_call(temp, max_new_tokens)
             result = await model(msgs, **self.call_kwargs)
             response = await _final_response(result)
         except ModelCallError:
@@ -313,6 +314,21 @@ def _is_chat_model_base(obj: Any) -> bool:
         cls.__name__ == "ChatModelBase" and cls.__module__.startswith("agentscope")
         for cls in type(obj).__mro__
     )
+
+
+def _require_agentscope_2() -> None:
+    import agentscope
+
+    version = getattr(agentscope, "__version__", "0")
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < 2:
+        raise ModelSpecError(
+            f"AgentScopeModel needs agentscope>=2.0 (installed: {version}); "
+            "upgrade with: pip install -U 'agentscope>=2'"
+        )
 
 
 def _loop_running_here() -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import threading
 import weakref
 from typing import Any, Optional
@@ -29,7 +30,6 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 
 from ..errors import ModelAuthError, ModelCallError, ModelSpecError
@@ -150,7 +150,7 @@ class OpenAIModel(ChatModel):
         self._client: Optional[openai.OpenAI] = None
         # httpx async connection pools are bound to the event loop that opened them, so
         # keep one AsyncOpenAI per loop (asyncio.run per call would break a shared one).
-        self._async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]" = (
+        self._async_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient]" = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
@@ -167,15 +167,23 @@ class OpenAIModel(ChatModel):
                 self._client = openai.OpenAI(**self._client_kwargs)
             return self._client
 
-    def _async_client(self) -> "openai.AsyncOpenAI":
+    async def _async_client(self) -> "openai.AsyncOpenAI":
+        """This event loop's AsyncOpenAI, created on first use in the loop.
+
+        The client is closed inside its loop when the loop shuts down (``asyncio.run``
+        closes open async generators first, and a started :func:`_closer` is one), so a
+        loop per call leaves no sockets behind.
+        """
         loop = asyncio.get_running_loop()
         with self._lock:
             self._check_open()
-            client = self._async_clients.get(loop)
-            if client is None:
-                client = openai.AsyncOpenAI(**self._client_kwargs)
-                self._async_clients[loop] = client
-            return client
+            entry = self._async_clients.get(loop)
+            if entry is not None:
+                return entry.client
+            client = openai.AsyncOpenAI(**self._client_kwargs)
+            entry = self._async_clients[loop] = _LoopClient(client, _closer(client))
+        await entry.closer.__anext__()  # runs to its `yield` at once; registers with the loop
+        return client
 
     def _check_open(self) -> None:
         if self._closed:
@@ -218,7 +226,7 @@ class OpenAIModel(ChatModel):
     ) -> Generation:
         """Native async twin of :meth:`generate` (``AsyncOpenAI``, same retry policy)."""
         request = self._request(messages, temperature, max_new_tokens)
-        client = self._async_client()
+        client = await self._async_client()
         attempts = 0
 
         async def attempt() -> Any:
@@ -265,9 +273,9 @@ class OpenAIModel(ChatModel):
     def _wait(self, state: RetryCallState) -> float:
         """Seconds before the next attempt: exponential backoff with jitter, or the
         server's ``Retry-After`` when it asks for longer (both capped at ``retry_max_wait``)."""
-        backoff = wait_exponential_jitter(
-            initial=self.retry_initial_wait, max=self.retry_max_wait, jitter=self.retry_initial_wait
-        )(state)
+        # retry n (1-based) waits initial * 2**(n-1) plus up to `initial` of random jitter
+        exponent = min(state.attempt_number - 1, 60)
+        backoff = self.retry_initial_wait * (2.0**exponent) + random.uniform(0.0, self.retry_initial_wait)
         exc = state.outcome.exception() if state.outcome is not None else None
         retry_after = _retry_after_seconds(exc)
         if retry_after is not None:
@@ -379,8 +387,8 @@ class OpenAIModel(ChatModel):
             self._async_clients = weakref.WeakKeyDictionary()
         if client is not None:
             client.close()
-        for loop, aclient in async_clients:
-            _close_async_client(loop, aclient)
+        for loop, entry in async_clients:
+            _close_loop_client(loop, entry)
 
     async def aclose(self) -> None:
         """Async :meth:`close`: also awaits the close of this loop's async client."""
@@ -389,20 +397,41 @@ class OpenAIModel(ChatModel):
         except RuntimeError:  # pragma: no cover - only called from async code
             loop = None
         with self._lock:
-            aclient = self._async_clients.pop(loop, None) if loop is not None else None
-        if aclient is not None:
-            await aclient.close()
+            entry = self._async_clients.pop(loop, None) if loop is not None else None
+        if entry is not None:
+            await entry.closer.aclose()
         self.close()
 
 
-def _close_async_client(loop: asyncio.AbstractEventLoop, client: "openai.AsyncOpenAI") -> None:
+class _LoopClient:
+    """One event loop's AsyncOpenAI and the async generator that closes it."""
+
+    __slots__ = ("client", "closer")
+
+    def __init__(self, client: "openai.AsyncOpenAI", closer: Any) -> None:
+        self.client = client
+        self.closer = closer
+
+
+async def _closer(client: "openai.AsyncOpenAI"):
+    """Started once per loop; its ``finally`` closes ``client`` when the loop (or we) close it."""
+    try:
+        yield
+    finally:
+        try:
+            await client.close()
+        except Exception as exc:  # closing is best effort
+            log.debug("closing AsyncOpenAI client failed: %s", exc)
+
+
+def _close_loop_client(loop: asyncio.AbstractEventLoop, entry: _LoopClient) -> None:
     if loop.is_closed():
-        return  # its sockets belong to a dead loop; they are released with the client
+        return  # asyncio.run already closed it at loop shutdown
     try:
         if loop.is_running():
-            asyncio.run_coroutine_threadsafe(client.close(), loop)
+            asyncio.run_coroutine_threadsafe(entry.closer.aclose(), loop)
         else:
-            loop.run_until_complete(client.close())
+            loop.run_until_complete(entry.closer.aclose())
     except Exception as exc:  # closing is best effort
         log.debug("closing AsyncOpenAI client failed: %s", exc)
 

@@ -42,14 +42,16 @@ def hints(messages: list[dict]) -> str:
 
 
 def feedback_notes(messages: list[dict], max_lines: int = 20) -> str:
-    """Default update policy: previous notes plus the latest feedback sentence, as a delimited block."""
+    """Default update policy: previous notes plus ``<task> -> <feedback>`` for the latest task, as a delimited block."""
     user = str(messages[-1].get("content", ""))
     previous = [line for line in section(user, "Previous notes").splitlines() if line.strip() and not line.startswith("(")]
     result = section(user, "Result")
     feedback = result.split("Feedback:", 1)[1].split("\n\n", 1)[0].strip() if "Feedback:" in result else ""
-    notes = [line for line in previous if line != feedback]
-    if feedback and not feedback.startswith("("):
-        notes.append(feedback)
+    task = section(user, "Latest task").split("\n", 1)[0].removeprefix("Environment: ").strip()
+    entry = f"{task} -> {feedback}" if task and feedback and not feedback.startswith("(") else ""
+    notes = [line for line in previous if line != entry]
+    if entry:
+        notes.append(entry)
     notes = notes[-max_lines:]
     return "Keeping what the feedback taught.\n" + CONTEXT_BEGIN + "\n" + "\n".join(notes) + "\n" + CONTEXT_END
 

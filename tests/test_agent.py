@@ -1,0 +1,355 @@
+"""The agent loop: solve + update episodes, resume, failures, modes, budget, async, concurrency."""
+
+import asyncio
+import threading
+
+import pytest
+
+from lifecycle_agent import CONTEXT_BEGIN, CONTEXT_END, InteractiveTask, LifecycleAgent, StepResult, Task
+from lifecycle_agent.errors import ModelCallError, TaskFormatError
+from lifecycle_agent.models.scripted import ScriptedModel, is_update
+
+
+def note(text):
+    return f"ok\n{CONTEXT_BEGIN}\n{text}\n{CONTEXT_END}"
+
+
+def two_step_model(solve_answer="Answer: 1", update_reply=None):
+    def fn(messages):
+        if is_update(messages):
+            return update_reply if update_reply is not None else note("learned")
+        return solve_answer
+
+    return fn
+
+
+def test_run_alternates_solve_and_update_and_records_everything(make_agent):
+    agent = make_agent(model=two_step_model())
+    result = agent.run([Task(prompt="q1", answer="1", id="t1"), Task(prompt="q2", answer="2", id="t2")])
+    assert [r.reward for r in result.records] == [1.0, 0.0]
+    assert [r.context_version for r in result.records] == [0, 1]
+    assert [r.new_context_version for r in result.records] == [1, 2]
+    assert agent.context == "learned" and agent.context_version == 2
+    kinds = [(e.kind, e.task_id) for e in agent.episodes()]
+    assert kinds == [("solve", "t1"), ("update", "t1"), ("solve", "t2"), ("update", "t2")]
+    solve = agent.episodes(kind="solve")[0]
+    assert solve.prompt_set == "cod-v1" and solve.model_id.startswith("py:") and solve.messages[-1]["role"] == "assistant"
+
+
+def test_context_reaches_the_next_solve_prompt(make_agent):
+    seen = []
+
+    def fn(messages):
+        if is_update(messages):
+            return note("the code is 42")
+        seen.append(messages[0]["content"])
+        return "Answer: 42"
+
+    make_agent(model=fn).run(["first", "second"])
+    assert "(no hints yet)" in seen[0] and "the code is 42" in seen[1]
+
+
+def test_update_sees_previous_context_transcript_reward_and_feedback(make_agent):
+    prompts = []
+
+    def fn(messages):
+        if is_update(messages):
+            prompts.append(messages[1]["content"])
+            return note("v")
+        return "Answer: Rome"
+
+    make_agent(model=fn).run([Task(prompt="capital?", answer="Paris")])
+    assert "capital?" in prompts[0] and "Rome" in prompts[0] and "Reward: 0" in prompts[0] and "Paris" in prompts[0]
+
+
+def test_history_lists_versions_with_the_episode_that_wrote_them(make_agent):
+    agent = make_agent(model=two_step_model())
+    agent.run(["a", "b"])
+    history = agent.history()
+    assert [v.version for v in history] == [0, 1, 2]
+    updates = agent.episodes(kind="update")
+    assert [v.episode_id for v in history[1:]] == [e.episode_id for e in updates]
+
+
+def test_reopening_the_agent_continues_from_stored_context(db_path, scripted):
+    LifecycleAgent(two_step_model(), db_path, "shop").run(["a"])
+    reopened = LifecycleAgent(scripted, db_path, "shop")
+    assert reopened.context == "learned" and reopened.context_version == 1
+
+
+def test_settings_are_stored_and_reused_on_reopen(db_path, scripted):
+    LifecycleAgent(scripted, db_path, "s", context_budget=123, parse_policy="strict").close()
+    reopened = LifecycleAgent(scripted, db_path, "s")
+    assert reopened.settings.context_budget == 123 and reopened.settings.parse_policy == "strict"
+
+
+def test_unparseable_update_keeps_previous_context_and_records_failure(make_agent):
+    agent = make_agent(model=two_step_model(update_reply=note("good")))
+    agent.run(["a"])
+    agent_strict = make_agent("a1", model=two_step_model(update_reply="no delimiters here"), parse_policy="strict")
+    result = agent_strict.run(["b"])
+    assert result.records[0].update_status == "failed" and result.records[0].new_context_version is None
+    assert agent_strict.context == "good"
+    assert agent_strict.episodes(kind="update")[-1].status == "failed"
+
+
+def test_lenient_update_without_delimiters_is_kept_as_format_miss(make_agent):
+    agent = make_agent(model=two_step_model(update_reply="remember: code 7"))
+    record = agent.run(["a"]).records[0]
+    assert record.update_status == "format_miss" and agent.context == "remember: code 7"
+
+
+def test_empty_update_reply_never_replaces_context(make_agent):
+    agent = make_agent(model=two_step_model(update_reply=note("keep me")))
+    agent.run(["a"])
+    agent2 = make_agent("a1", model=two_step_model(update_reply="   "))
+    agent2.run(["b"])
+    assert agent2.context == "keep me"
+
+
+def test_overlong_update_is_truncated_at_a_word_and_recorded(make_agent):
+    agent = make_agent(model=two_step_model(update_reply=note("alpha beta gamma delta epsilon")), context_budget=16)
+    record = agent.run(["a"]).records[0]
+    assert record.budget_status == "truncated" and agent.context == "alpha beta gamma"
+    assert "truncated" in agent.history()[-1].note
+
+
+def test_overlong_update_rejected_keeps_previous_context(make_agent):
+    agent = make_agent(model=two_step_model(update_reply=note("alpha beta gamma delta")), context_budget=8, budget_policy="reject")
+    record = agent.run(["a"]).records[0]
+    assert record.budget_status == "rejected" and agent.context_version == 0
+
+
+def test_model_failure_records_failed_task_and_run_continues(make_agent):
+    calls = {"n": 0}
+
+    def flaky(messages):
+        calls["n"] += 1
+        if not is_update(messages) and calls["n"] == 1:
+            raise ConnectionError("endpoint down")
+        return two_step_model()(messages)
+
+    agent = make_agent(model=flaky)
+    result = agent.run(["a", "b"])
+    assert [r.status for r in result.records] == ["failed", "ok"]
+    assert "endpoint down" in result.records[0].error
+    assert agent.episodes(kind="solve")[0].status == "failed"
+
+
+def test_failed_model_task_is_retried_by_a_rerun(make_agent):
+    state = {"fail": True}
+
+    def fn(messages):
+        if state["fail"] and not is_update(messages):
+            raise ConnectionError("down")
+        return two_step_model()(messages)
+
+    agent = make_agent(model=fn)
+    agent.run(["a"])
+    state["fail"] = False
+    result = agent.run(["a"])
+    assert result.records[0].status == "ok" and not result.skipped
+
+
+def test_fail_fast_stops_at_first_failure(make_agent):
+    def broken(messages):
+        raise RuntimeError("nope")
+
+    result = make_agent(model=broken).run(["a", "b", "c"], fail_fast=True)
+    assert len(result.records) == 1 and "nope" in result.stopped
+
+
+class Boom(InteractiveTask):
+    id = "boom"
+
+    def start(self):
+        return "go"
+
+    def step(self, action):
+        raise ZeroDivisionError("env bug")
+
+
+def test_task_raising_during_step_is_recorded_and_run_continues(make_agent):
+    agent = make_agent(model=two_step_model())
+    result = agent.run([Boom(), "next"])
+    assert result.records[0].status == "failed" and "ZeroDivisionError: env bug" in result.records[0].error
+    assert result.records[1].status == "ok"
+    assert agent.run([Boom()]).skipped == ["boom"]
+
+
+class Counter(InteractiveTask):
+    """Reach 3 by answering 'inc' three times."""
+
+    max_turns = 5
+
+    def __init__(self, task_id="count"):
+        self.id = task_id
+
+    def start(self):
+        self.value = 0
+        return "value 0"
+
+    def step(self, action):
+        if "inc" in action:
+            self.value += 1
+        done = self.value >= 3
+        return StepResult(f"value {self.value}", 1.0 if done else 0.0, done, "reached 3" if done else None)
+
+
+def test_multi_turn_task_runs_until_done(make_agent):
+    agent = make_agent(model=two_step_model(solve_answer="inc"))
+    record = agent.run([Counter()]).records[0]
+    assert record.turns == 3 and record.reward == 1.0
+    solve = agent.episodes(kind="solve")[0]
+    assert [m["role"] for m in solve.messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+
+
+def test_multi_turn_task_stops_at_turn_limit(make_agent):
+    agent = make_agent(model=two_step_model(solve_answer="wait"))
+    record = agent.run([Counter()]).records[0]
+    assert record.turns == 5 and record.reward == 0.0 and "turn limit (5)" in record.feedback
+
+
+def test_task_without_verifier_still_updates_context(make_agent):
+    agent = make_agent(model=two_step_model())
+    record = agent.run([Task(prompt="write a haiku")]).records[0]
+    assert record.reward is None and record.update_status == "ok" and agent.context == "learned"
+
+
+def test_resume_skips_completed_tasks(make_agent):
+    agent = make_agent(model=two_step_model())
+    agent.run(["a", "b"])
+    result = agent.run(["a", "b", "c"])
+    assert len(result.skipped) == 2 and [r.position for r in result.records] == [2]
+
+
+def test_no_resume_solves_again(make_agent):
+    agent = make_agent(model=two_step_model())
+    agent.run(["a"])
+    assert len(agent.run(["a"], resume=False).records) == 1
+
+
+def test_stored_solve_without_update_gets_only_its_update_on_resume(make_agent):
+    agent = make_agent(model=two_step_model())
+    agent.run([Task(prompt="q", answer="1", id="t")], update_after_last=False)
+    store = agent.store
+    store.conn.execute("UPDATE episodes SET completes_task = 0")  # as if killed before the update committed
+    calls = []
+    agent2 = make_agent(model=lambda m: calls.append(is_update(m)) or two_step_model()(m))
+    record = agent2.run([Task(prompt="q", answer="1", id="t")]).records[0]
+    assert calls == [True] and record.resumed and record.reward == 1.0
+
+
+def test_update_after_last_false_skips_final_update(make_agent):
+    agent = make_agent(model=two_step_model())
+    result = agent.run(["a", "b"], update_after_last=False)
+    assert [r.update_status for r in result.records] == ["ok", None]
+    assert agent.run(["a", "b"]).skipped == [result.records[0].task_id, result.records[1].task_id]
+
+
+def test_none_mode_shows_no_context_and_never_updates(make_agent):
+    seen = []
+
+    def fn(messages):
+        if is_update(messages):
+            return note("should not happen")
+        seen.append(messages[0]["content"])
+        return "x"
+
+    agent = make_agent(model=fn)
+    agent.set_context("existing note")
+    none_agent = make_agent("a1", model=fn, context_mode="none")
+    none_agent.run(["a", "b"])
+    assert all("existing note" not in s for s in seen) and none_agent.context == "existing note"
+
+
+def test_frozen_mode_updates_only_after_first_task(make_agent):
+    agent = make_agent(model=two_step_model(), context_mode="frozen")
+    result = agent.run(["a", "b", "c"])
+    assert [r.update_status for r in result.records] == ["ok", None, None] and agent.context_version == 1
+
+
+def test_limit_caps_tasks_and_endless_streams_work(make_agent):
+    def endless():
+        i = 0
+        while True:
+            yield f"task {i}"
+            i += 1
+
+    result = make_agent(model=two_step_model()).run(endless(), limit=3)
+    assert len(result.records) == 3
+
+
+@pytest.mark.parametrize("bad", ["just a string", {"prompt": "x"}])
+def test_run_refuses_a_single_task_instead_of_a_stream(make_agent, bad):
+    with pytest.raises(TaskFormatError, match="iterable of tasks"):
+        make_agent().run(bad)
+
+
+def test_bad_context_mode_is_refused(db_path, scripted):
+    with pytest.raises(ValueError, match="context_mode"):
+        LifecycleAgent(scripted, db_path, "x", context_mode="sometimes")
+
+
+def test_set_context_respects_budget_and_rollback_restores(make_agent):
+    agent = make_agent(context_budget=10)
+    agent.set_context("short")
+    with pytest.raises(ValueError, match="over the budget"):
+        agent.set_context("far too long for this")
+    agent.set_context("other")
+    agent.rollback(1)
+    assert agent.context == "short" and agent.context_version == 3
+
+
+def test_fork_gives_independent_agent(make_agent):
+    agent = make_agent(model=two_step_model())
+    agent.run(["a"])
+    child = agent.fork("child")
+    child.set_context("diverged")
+    assert agent.context == "learned" and child.context == "diverged"
+
+
+def test_arun_matches_run(db_path):
+    tasks = [Task(prompt=f"q{i}", answer="1", id=f"t{i}") for i in range(3)]
+    sync = LifecycleAgent(two_step_model(), db_path, "sync").run(tasks)
+    async_result = asyncio.run(LifecycleAgent(two_step_model(), db_path, "async").arun(tasks))
+    strip = lambda rs: [(r.task_id, r.reward, r.update_status, r.new_context_version) for r in rs.records]
+    assert strip(sync) == strip(async_result)
+
+
+def test_arun_agents_run_concurrently_over_one_model(db_path):
+    from lifecycle_agent.agent import run_many
+    from lifecycle_agent.models import CallableModel
+
+    model = CallableModel(two_step_model())
+    agents = [LifecycleAgent(model, db_path, f"agent-{i}") for i in range(4)]
+    results = asyncio.run(run_many([(a, [f"q{j}" for j in range(5)]) for a in agents]))
+    assert all(len(r.records) == 5 for r in results)
+    assert all(a.context_version == 5 for a in agents)
+
+
+def test_two_agents_in_threads_write_one_database(db_path):
+    errors = []
+
+    def work(agent_id):
+        try:
+            LifecycleAgent(ScriptedModel(), db_path, agent_id).run([f"q{j}" for j in range(30)])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    check = LifecycleAgent(ScriptedModel(), db_path, "t0")
+    assert check.store.count_episodes("t0") == 60 and check.store.count_episodes("t1") == 60
+
+
+def test_model_call_error_from_adapter_is_recorded_not_raised(make_agent):
+    def fn(messages):
+        raise ModelCallError("quota exceeded")
+
+    record = make_agent(model=fn).run(["a"]).records[0]
+    assert record.status == "failed" and "quota exceeded" in record.error

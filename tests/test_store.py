@@ -1,0 +1,234 @@
+"""The SQLite store: schema and migrations, locking, context operations, export/import."""
+
+import json
+import sqlite3
+
+import pytest
+
+from lifecycle_agent import store as store_module
+from lifecycle_agent.errors import (
+    AgentExistsError,
+    AgentNotFoundError,
+    ContextFormatError,
+    SchemaVersionError,
+    StoreError,
+    StoreLockedError,
+    VersionNotFoundError,
+)
+from lifecycle_agent.prompts import CONTEXT_BEGIN
+from lifecycle_agent.store import ContextConflictError, Store
+
+
+@pytest.fixture
+def store(db_path):
+    s = Store(db_path)
+    s.create_agent("a1", {"context_budget": 100})
+    yield s
+    s.close()
+
+
+def test_new_database_records_schema_version_and_wal(db_path):
+    s = Store(db_path)
+    assert s.schema_version() == store_module.SCHEMA_VERSION
+    assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_new_agent_starts_at_empty_version_zero(store):
+    head = store.head("a1")
+    assert (head.version, head.text, head.source) == (0, "", "init")
+
+
+def test_write_context_appends_versions_with_parents(store):
+    store.write_context("a1", "one", source="edit")
+    v2 = store.write_context("a1", "two", source="edit")
+    assert (v2.version, v2.parent_version) == (2, 1)
+    assert [v.text for v in store.history("a1")] == ["", "one", "two"]
+
+
+def test_conditional_write_refuses_when_head_moved(store):
+    store.write_context("a1", "one", source="edit")
+    with pytest.raises(ContextConflictError, match="head is version 1, not 0"):
+        store.write_context("a1", "two", source="edit", expected_head=0)
+    assert store.head("a1").text == "one"
+
+
+def test_stored_context_never_holds_delimiters(store):
+    store.write_context("a1", f"x {CONTEXT_BEGIN} y", source="edit")
+    assert CONTEXT_BEGIN not in store.head("a1").text
+
+
+def test_rollback_appends_copy_and_deletes_nothing(store):
+    store.write_context("a1", "good", source="edit")
+    store.write_context("a1", "bad", source="edit")
+    new = store.rollback("a1", 1)
+    assert (new.version, new.text, new.source) == (3, "good", "rollback")
+    assert len(store.history("a1")) == 4
+
+
+def test_diff_between_versions(store):
+    store.write_context("a1", "line a\nline b", source="edit")
+    store.write_context("a1", "line a\nline c", source="edit")
+    diff = store.diff("a1", 1, 2)
+    assert "-line b" in diff and "+line c" in diff
+    assert store.diff("a1", 1, 1) == ""
+
+
+def test_fork_starts_new_agent_from_version(store):
+    store.write_context("a1", "v1 text", source="edit")
+    store.write_context("a1", "v2 text", source="edit")
+    info = store.fork("a1", "b1", version=1)
+    assert (info.forked_from, info.forked_at_version, store.head("b1").text) == ("a1", 1, "v1 text")
+    assert store.get_agent("b1").settings == {"context_budget": 100}
+
+
+def test_fork_onto_existing_agent_is_refused(store):
+    store.create_agent("b1")
+    with pytest.raises(AgentExistsError):
+        store.fork("a1", "b1")
+
+
+def test_unknown_agent_and_version_errors_are_clear(store):
+    with pytest.raises(AgentNotFoundError, match="no agent 'zz'"):
+        store.head("zz")
+    with pytest.raises(VersionNotFoundError, match=r"no context version 7 \(versions 0..0\)"):
+        store.get_version("a1", 7)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "x" * 200, "sp ace"])
+def test_path_like_or_odd_agent_ids_are_refused(store, bad):
+    with pytest.raises(ValueError, match="agent id"):
+        store.create_agent(bad)
+
+
+def test_export_import_round_trip_keeps_every_version(store, tmp_path):
+    store.write_context("a1", "one", source="edit")
+    data = json.loads(json.dumps(store.export_agent("a1")))
+    other = Store(str(tmp_path / "other.db"))
+    info = other.import_agent(data)
+    assert info.head_version == 1 and [v.text for v in other.history("a1")] == ["", "one"]
+
+
+def test_import_refuses_existing_id_and_changes_nothing(store):
+    data = store.export_agent("a1")
+    with pytest.raises(AgentExistsError):
+        store.import_agent(data)
+    assert len(store.history("a1")) == 1
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"format": "other"}, "not a lifecycle-agent export"),
+        ({"format": store_module.EXPORT_FORMAT, "format_version": 99, "versions": []}, "not supported"),
+        ({"format": store_module.EXPORT_FORMAT, "format_version": 1, "versions": []}, "no context versions"),
+        ({"format": store_module.EXPORT_FORMAT, "format_version": 1, "versions": [{"version": 3, "text": "x"}]}, "entry 0"),
+    ],
+)
+def test_import_bad_exports_are_clear_errors(store, data, match):
+    with pytest.raises(ContextFormatError, match=match):
+        store.import_agent(data, "new")
+    assert not store.has_agent("new")
+
+
+def test_delete_agent_removes_its_rows_only(store):
+    store.create_agent("keep")
+    store.record_episode(agent_id="a1", kind="solve", status="ok", messages=[])
+    store.delete_agent("a1")
+    assert not store.has_agent("a1") and store.has_agent("keep")
+    assert store.conn.execute("SELECT COUNT(*) FROM episodes").fetchone()[0] == 0
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(str(tmp_path / "no" / "such" / "dir.db"))
+
+
+def test_create_false_refuses_missing_file(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(str(tmp_path / "typo.db"), create=False)
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_directory_path_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="is a directory"):
+        Store(str(tmp_path))
+
+
+def test_non_sqlite_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a database " * 100)
+    with pytest.raises(StoreError, match="SQLite"):
+        Store(str(path))
+
+
+def test_database_of_another_application_is_refused(tmp_path):
+    path = str(tmp_path / "app.db")
+    sqlite3.connect(path).execute("CREATE TABLE customers (id INTEGER)")
+    with pytest.raises(StoreError, match="other tables"):
+        Store(path)
+
+
+def test_database_from_newer_schema_is_refused_untouched(db_path):
+    Store(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="schema version 99.*upgrade lifecycle-agent"):
+        Store(db_path)
+    assert sqlite3.connect(db_path).execute("SELECT value FROM meta").fetchone()[0] == "99"
+
+
+def test_older_schema_is_migrated_in_place_keeping_data(db_path, monkeypatch):
+    s = Store(db_path)
+    s.create_agent("old")
+    s.write_context("old", "kept", source="edit")
+    s.close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(store_module.MIGRATIONS, 2, "ALTER TABLE agents ADD COLUMN label TEXT")
+    migrated = Store(db_path)
+    assert migrated.schema_version() == 2 and migrated.head("old").text == "kept"
+    assert "label" in migrated.db["agents"].columns_dict
+
+
+def test_locked_database_past_timeout_is_a_clear_error(db_path):
+    s = Store(db_path, busy_timeout=0.2)
+    s.create_agent("a")
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreLockedError, match="locked by another writer"):
+            s.write_context("a", "x", source="edit")
+    finally:
+        blocker.execute("ROLLBACK")
+    assert s.head("a").version == 0
+    assert s.write_context("a", "x", source="edit").version == 1
+
+
+def test_failed_transaction_writes_nothing(store):
+    with pytest.raises(RuntimeError):
+        with store.transaction() as conn:
+            conn.execute("UPDATE agents SET head_version = 5 WHERE agent_id = 'a1'")
+            raise RuntimeError("boom")
+    assert store.get_agent("a1").head_version == 0
+
+
+def test_record_update_with_conflict_writes_neither_episode_nor_version(store):
+    store.write_context("a1", "moved", source="edit")
+    with pytest.raises(ContextConflictError):
+        store.record_update(new_text="late", expected_head=0, agent_id="a1", kind="update", status="ok", messages=[])
+    assert store.count_episodes("a1") == 0 and store.head("a1").text == "moved"
+
+
+def test_task_state_tracks_solve_then_done(store):
+    assert store.task_state("a1", "t")[0] == "new"
+    store.record_episode(agent_id="a1", kind="solve", task_id="t", status="ok", messages=[])
+    state, row = store.task_state("a1", "t")
+    assert state == "solved" and row.kind == "solve"
+    store.record_episode(agent_id="a1", kind="update", task_id="t", status="ok", messages=[], completes_task=True)
+    assert store.task_state("a1", "t")[0] == "done"
+
+
+def test_unknown_episode_fields_are_refused(store):
+    with pytest.raises(TypeError, match="unknown episode fields: bogus"):
+        store.record_episode(agent_id="a1", kind="solve", status="ok", bogus=1)
