@@ -160,7 +160,7 @@ CREATE TABLE IF NOT EXISTS episodes (
     completes_task INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idx_episodes_agent_task ON episodes (agent_id, task_id, kind);
+CREATE INDEX IF NOT EXISTS idx_episodes_agent_task ON episodes (agent_id, task_id, episode_id);
 CREATE INDEX IF NOT EXISTS idx_episodes_agent ON episodes (agent_id, episode_id);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,

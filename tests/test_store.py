@@ -232,3 +232,11 @@ def test_task_state_tracks_solve_then_done(store):
 def test_unknown_episode_fields_are_refused(store):
     with pytest.raises(TypeError, match="unknown episode fields: bogus"):
         store.record_episode(agent_id="a1", kind="solve", status="ok", bogus=1)
+
+
+def test_task_lookup_uses_its_index_so_cost_stays_flat_as_the_agent_ages(store):
+    plan = store.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM episodes WHERE agent_id = ? AND task_id = ? ORDER BY episode_id DESC LIMIT 4",
+        ("a1", "t"),
+    ).fetchall()
+    assert "idx_episodes_agent_task (agent_id=? AND task_id=?)" in str(plan)

@@ -72,6 +72,7 @@ def run(
     db: str = DB_OPTION,
     agent: str = AGENT_OPTION,
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (default: the model's)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Longest reply per model call, tokens (default: the model's)."),
     context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Context budget, characters (stored with the agent)."),
     parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict (stored with the agent)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed task."),
@@ -87,7 +88,8 @@ def run(
         err_console.print(f"loading model {model} ...")
     chat_model = load_model(model, base_url, api_key)
     lifecycle = LifecycleAgent(
-        chat_model, db, agent, temperature=temperature, context_budget=context_budget, parse_policy=parse_policy
+        chat_model, db, agent, temperature=temperature, max_new_tokens=max_new_tokens,
+        context_budget=context_budget, parse_policy=parse_policy,
     )
     if as_json:
         result = lifecycle.run(task_list, fail_fast=fail_fast, resume=not no_resume)

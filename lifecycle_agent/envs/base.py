@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 from ..errors import EnvironmentSpecError
-from ..tasks import InteractiveTask
+from ..tasks import InteractiveTask, StepResult
 
 Packing = Literal["cod", "ralph"]
 PACKINGS = ("cod", "ralph")
 
 
 class EnvTask(InteractiveTask):
-    """A task made by an environment. Knows its pack (hidden facts) and can act as its own oracle."""
+    """A task made by an environment. Knows its pack (hidden facts) and can act as its own oracle.
+
+    The oracle knows the pack's hidden facts and sees what an agent sees of the task; it is
+    what a perfect note-taker would do. :meth:`optimum` is the reward the oracle reaches.
+    """
 
     def __init__(self, pack: "Pack", index: int, task_id: str):
         self.pack = pack
@@ -34,6 +39,10 @@ class EnvTask(InteractiveTask):
     @abstractmethod
     def oracle_action(self) -> str:
         """The action an oracle that knows the hidden facts takes in the current state."""
+
+    def optimum(self) -> float:
+        """The best reward any policy can reach on this task (what the oracle scores)."""
+        return 1.0
 
 
 class Environment(ABC):
@@ -87,12 +96,33 @@ class Environment(ABC):
             raise EnvironmentSpecError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
         return Pack(self, seed, size, packing)
 
+    # helpers for subclasses ------------------------------------------------
+    def _int_option(self, key: str, low: int, high: int) -> int:
+        """Option ``key`` as an integer in ``[low, high]``, or a clear error."""
+        value = self.options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise EnvironmentSpecError(f"{self.name}: option {key} must be an integer from {low} to {high}, got {value!r}")
+        return value
+
+    def _float_option(self, key: str, low: float, high: float) -> float:
+        """Option ``key`` as a number in ``[low, high]``, or a clear error."""
+        value = self.options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise EnvironmentSpecError(f"{self.name}: option {key} must be a number from {low} to {high}, got {value!r}")
+        return float(value)
+
+    def _bool_option(self, key: str) -> bool:
+        value = self.options[key]
+        if not isinstance(value, bool):
+            raise EnvironmentSpecError(f"{self.name}: option {key} must be true or false, got {value!r}")
+        return value
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} preset={self.preset}>"
 
 
 class Pack:
-    """S related tasks sharing hidden facts. All mutable pack state lives here."""
+    """S related tasks sharing hidden facts. All mutable pack state lives here (``state``)."""
 
     def __init__(self, env: Environment, seed: int, size: int, packing: str):
         self.env = env
@@ -104,6 +134,10 @@ class Pack:
         self.state: dict[str, Any] = {}
         self.id = f"{env.name}/{env.preset}/s{seed}/{packing}{size}"
         self._tasks: Optional[list[EnvTask]] = None
+
+    def instance_rng(self, index: int) -> random.Random:
+        """The random generator of visible instance ``index``: the same whatever the pack size or packing."""
+        return random.Random(f"{self.env.name}|{self.env.preset}|{self.seed}|instance{index}")
 
     @property
     def tasks(self) -> list[EnvTask]:
@@ -119,3 +153,40 @@ class Pack:
 
     def __len__(self) -> int:
         return self.size
+
+
+@dataclass
+class Episode:
+    """One task played to the end by a policy, outside any agent (see :func:`play`)."""
+
+    reward: float
+    turns: int
+    feedback: Optional[str]
+    transcript: list[tuple[str, str]] = field(default_factory=list)
+    """``(observation, action)`` pairs in order."""
+
+
+def play(task: InteractiveTask, policy: Callable[[str], str]) -> Episode:
+    """Play ``task`` to the end with ``policy(observation) -> action`` (no model, no store).
+
+    Applies the same turn limit as the runtime. Used by tests, ``envs show`` and benchmarks.
+    """
+    observation = task.start()
+    transcript: list[tuple[str, str]] = []
+    max_turns = max(1, int(getattr(task, "max_turns", 1) or 1))
+    result: Optional[StepResult] = None
+    for _ in range(max_turns):
+        action = policy(observation)
+        transcript.append((observation, action))
+        result = StepResult(*task.step(action))
+        if result.done:
+            break
+        observation = result.observation
+    if result is None or not result.done:
+        result = task.timeout_result()
+    return Episode(float(result.reward or 0.0), len(transcript), result.feedback, transcript)
+
+
+def play_oracle(task: EnvTask) -> Episode:
+    """Play ``task`` with its own oracle."""
+    return play(task, lambda _observation: task.oracle_action())

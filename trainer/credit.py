@@ -1,0 +1,176 @@
+"""Per-episode credit assignment for CoD rollouts (docs/training.md, "Credit assignment").
+
+G rollouts of one pack (same seed, same task order, same starting context), rollout i,
+positions j = 0..S-1, solve rewards ``r_x[i][j]`` and update rewards ``r_z[i][j]``
+(``j < S-1``; 0 for an update whose reply parsed, -0.1 for one that did not):
+
+    solve return     Rx[i][j] = mean(r_x[i][j], r_x[i][j+1], ..., r_x[i][S-1])
+    update return    Rz[i][j] = mean(r_z[i][j], r_x[i][j+1], ..., r_x[i][S-1])
+    baseline         b[j]     = mean over i of the return at the same (episode type, j)
+    advantage        A[i][j]  = R[i][j] - b[j]          (optionally / (std over i + eps))
+
+An update is credited with the tasks it can still influence. Every function here is pure
+Python on nested lists; torch tensors are accepted and given back as tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+#: Reward of an update episode whose reply held no usable context block (strict miss or lenient format miss).
+PARSE_FAILURE_REWARD = -0.1
+#: Added to the standard deviation when advantages are scaled by it.
+STD_EPS = 1e-6
+#: Bounds of the re-weighting temperature searched by :func:`reweight_advantages`.
+REWEIGHT_T_MIN, REWEIGHT_T_MAX = 0.8, 100.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def solve_returns(solve_rewards: list[list[float]]) -> list[list[float]]:
+    """``Rx[i][j] = mean(r_x[i][j:])``: the mean of this task's reward and every later one."""
+    return [[_mean(row[j:]) for j in range(len(row))] for row in solve_rewards]
+
+
+def update_returns(update_rewards: list[list[float]], solve_rewards: list[list[float]]) -> list[list[float]]:
+    """``Rz[i][j] = mean([r_z[i][j]] + r_x[i][j+1:])``: the update's own reward and the tasks after it."""
+    return [
+        [_mean([r_z[j]] + r_x[j + 1 :]) for j in range(len(r_z))]
+        for r_z, r_x in zip(update_rewards, solve_rewards)
+    ]
+
+
+def group_advantages(returns: list[list[float]], normalize_std: bool = False) -> list[list[float]]:
+    """``A[i][j] = R[i][j] - mean_i R[i][j]``, per position j over the G rollouts of one pack.
+
+    With ``normalize_std`` the difference is divided by ``std_i R[i][j] + 1e-6`` (sample
+    standard deviation, n - 1 in the denominator; a group of one has std 0). A position where
+    every rollout has the same return gets advantage 0 either way.
+    """
+    if not returns:
+        return []
+    advantages = [[0.0] * len(row) for row in returns]
+    for j in range(len(returns[0])):
+        column = [row[j] for row in returns]
+        baseline = _mean(column)
+        scale = 1.0
+        if normalize_std:
+            n = len(column)
+            std = math.sqrt(sum((r - baseline) ** 2 for r in column) / (n - 1)) if n > 1 else 0.0
+            scale = std + STD_EPS
+        for i, r in enumerate(column):
+            advantages[i][j] = (r - baseline) / scale
+    return advantages
+
+
+def cod_advantages(solve_rewards: Any, update_rewards: Any, normalize_std: bool = False) -> tuple[Any, Any]:
+    """Advantages of every solve and update episode of the G rollouts of one pack.
+
+    Args:
+        solve_rewards: G x S rewards ``r_x`` (nested lists or a 2-D tensor).
+        update_rewards: G x (S-1) rewards ``r_z`` (0 for a parsed update, -0.1 for an unparseable one).
+        normalize_std: divide by the group's standard deviation at each (type, position).
+
+    Returns:
+        ``(solve_advantages, update_advantages)`` with the shapes of the inputs; tensors when
+        ``solve_rewards`` was a tensor, nested lists otherwise.
+
+    Raises ValueError for ragged, mismatched or non-finite input, naming the offending cell.
+    """
+    tensor_like = hasattr(solve_rewards, "tolist") and hasattr(solve_rewards, "dtype")
+    r_x = _as_matrix(solve_rewards, "solve_rewards")
+    r_z = _as_matrix(update_rewards, "update_rewards")
+    if not r_x:
+        raise ValueError("solve_rewards holds no rollout: pass G x S rewards with G >= 1")
+    size = len(r_x[0])
+    if size < 1:
+        raise ValueError("solve_rewards rows are empty: a pack has at least one task (S >= 1)")
+    if len(r_z) != len(r_x):
+        raise ValueError(f"update_rewards has {len(r_z)} rollouts but solve_rewards has {len(r_x)}; both must be G rows")
+    for i, (row_x, row_z) in enumerate(zip(r_x, r_z)):
+        if len(row_x) != size:
+            raise ValueError(f"solve_rewards[{i}] has {len(row_x)} positions, solve_rewards[0] has {size}; rows must be equal")
+        if len(row_z) != size - 1:
+            raise ValueError(
+                f"update_rewards[{i}] has {len(row_z)} positions; expected S - 1 = {size - 1} "
+                "(no update follows the last task of a training rollout)"
+            )
+    adv_x = group_advantages(solve_returns(r_x), normalize_std)
+    adv_z = group_advantages(update_returns(r_z, r_x), normalize_std) if size > 1 else [[] for _ in r_x]
+    if tensor_like:
+        import torch
+
+        dtype = solve_rewards.dtype if solve_rewards.dtype.is_floating_point else torch.float32
+        return torch.tensor(adv_x, dtype=dtype), torch.tensor(adv_z, dtype=dtype).reshape(len(r_x), size - 1)
+    return adv_x, adv_z
+
+
+def _as_matrix(values: Any, name: str) -> list[list[float]]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a G x positions nested list or 2-D tensor, got {type(values).__name__}")
+    matrix = []
+    for i, row in enumerate(values):
+        if not isinstance(row, (list, tuple)):
+            raise ValueError(f"{name}[{i}] must be a list of rewards, got {type(row).__name__}")
+        clean = []
+        for j, value in enumerate(row):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}[{i}][{j}] must be a finite number, got {value!r}")
+            clean.append(float(value))
+        matrix.append(clean)
+    return matrix
+
+
+def update_reward(status: Optional[str], penalty: float = PARSE_FAILURE_REWARD) -> float:
+    """``r_z`` of one update episode: 0 when its reply held a delimited block (``ok``), else ``penalty``.
+
+    ``format_miss`` (the note was taken leniently from the reply) is penalised like
+    ``failed``: deployment keeps it, training teaches the format.
+    """
+    return 0.0 if status == "ok" else float(penalty)
+
+
+def reweight_advantages(
+    advantages: Sequence[float],
+    lengths: Sequence[int],
+    t_min: float = REWEIGHT_T_MIN,
+    t_max: float = REWEIGHT_T_MAX,
+) -> tuple[list[float], Optional[float]]:
+    """The paper's optional adaptive re-weighting of a batch of advantages.
+
+    ``lengths[k]`` is the number of completion tokens that carry ``advantages[k]``. When the
+    token-weighted sum ``sum_k A_k * L_k`` is negative, a temperature T in ``[t_min, t_max]``
+    is found by bisection so that ``sum_k A_k * exp(A_k / T) * L_k`` is about 0, and every
+    advantage becomes ``A_k * exp(A_k / T)`` (positive ones grow, negative ones shrink).
+
+    Returns ``(new_advantages, T)``; ``T`` is ``None`` (advantages unchanged) when the sum is >= 0.
+    """
+    if len(advantages) != len(lengths):
+        raise ValueError(f"got {len(advantages)} advantages but {len(lengths)} lengths; pass one length per advantage")
+    if not 0 < t_min < t_max:
+        raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    values = [float(a) for a in advantages]
+
+    def weighted_sum(temperature: Optional[float]) -> float:
+        if temperature is None:
+            return sum(a * n for a, n in zip(values, lengths))
+        return sum(a * math.exp(a / temperature) * n for a, n in zip(values, lengths))
+
+    if weighted_sum(None) >= 0:
+        return values, None
+    low, high = t_min, t_max
+    temperature = (low + high) / 2
+    for _ in range(20):
+        temperature = (low + high) / 2
+        if weighted_sum(temperature) < 0:
+            high = temperature  # still negative: sharpen (a lower T favours positive advantages)
+        else:
+            low = temperature
+        if high - low < 0.05:
+            break
+    return [a * math.exp(a / temperature) for a in values], temperature
