@@ -429,9 +429,17 @@ def test_no_chat_template_is_a_clear_error(tiny_dir):
         LocalModel(model, tokenizer)
 
 
-def test_bad_dtype_is_a_clear_error(tiny_dir):
+def test_bad_options_are_clear_errors(tiny_dir):
     with pytest.raises(ModelSpecError, match="unknown dtype"):
         LocalModel.from_pretrained(tiny_dir, device="cpu", dtype="int3")
+    with pytest.raises(ModelSpecError, match="unknown option.*temprature"):
+        resolve_model(f"hf:{tiny_dir}", device="cpu", temprature=0.5)
+    with pytest.raises(ModelSpecError, match="default_temperature"):
+        LocalModel.from_pretrained(tiny_dir, device="cpu", default_temperature=-0.5)
+    with pytest.raises(ModelSpecError, match="max_new_tokens"):
+        LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=0)
+    with pytest.raises(ModelSpecError, match="max_batch_size"):
+        LocalModel.from_pretrained(tiny_dir, device="cpu", max_batch_size=0)
 
 
 def test_peft_adapter_changes_outputs(tiny_dir, lora_dir):

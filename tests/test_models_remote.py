@@ -545,7 +545,7 @@ def ags():
         async def _call_api(self, model_name, messages, tools=None, tool_choice=None, **kwargs):
             self.seen.append((messages, self.parameters.temperature, kwargs))
             return ChatResponse(
-                content=[ThinkingBlock(thinking="let me think"), TextBlock(text="forty"), TextBlock(text="-two")],
+                content=[ThinkingBlock(thinking="let me think"), TextBlock(text="The answer"), TextBlock(text="is 42.")],
                 is_last=True,
                 usage=ChatUsage(input_tokens=11, output_tokens=2, time=0.01),
             )
@@ -598,7 +598,7 @@ def _adapter():
 @pytest.mark.parametrize("stream", [True, False])
 def test_agentscope_openai_chat_model_against_loopback(server, ags, stream):
     inner = ags.openai_chat(server, stream=stream)
-    model = resolve_model(inner)
+    model = resolve_model(inner, close_model=True)
     assert isinstance(model, _adapter())
     assert model.model_id == "agentscope:as-model"
     gen = model.generate([{"role": "system", "content": "be brief"}, *USER], temperature=0.25, max_new_tokens=9)
@@ -618,10 +618,14 @@ def test_agentscope_openai_chat_model_against_loopback(server, ags, stream):
     assert inner.parameters.temperature is None and inner.parameters.max_tokens is None
     model.generate(USER)
     assert "temperature" not in server.requests[-1]["body"]
+    model.close()
+    assert inner.client.is_closed()
+    with pytest.raises(ModelCallError, match="closed"):
+        model.generate(USER)
 
 
 def test_agentscope_sync_and_async_across_loops(server, ags):
-    model = _adapter()(ags.openai_chat(server), default_temperature=0.5)
+    model = _adapter()(ags.openai_chat(server), default_temperature=0.5, close_model=True)
     assert model.generate(USER).text == "hello there"
     for _ in range(2):
         assert asyncio.run(model.agenerate(USER)).text == "hello there"
@@ -640,17 +644,21 @@ def test_agentscope_sync_and_async_across_loops(server, ags):
 
 
 def test_agentscope_run_in_caller_loop(server, ags):
-    model = _adapter()(ags.openai_chat(server), run_in_caller_loop=True)
+    model = _adapter()(ags.openai_chat(server), run_in_caller_loop=True, close_model=True)
 
     async def main():
-        return await model.agenerate(USER)
+        gen = await model.agenerate(USER)
+        model.close()  # schedules the client's close on this loop
+        await asyncio.sleep(0)
+        return gen
 
     assert asyncio.run(main()).text == "hello there"
 
 
 def test_agentscope_parts_content_becomes_text_blocks(server, ags):
-    model = _adapter()(ags.openai_chat(server, stream=False))
+    model = _adapter()(ags.openai_chat(server, stream=False), close_model=True)
     model.generate([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}])
+    model.close()
     assert server.requests[-1]["body"]["messages"][0]["content"] == [
         {"type": "text", "text": "a"},
         {"type": "text", "text": "b"},
@@ -658,13 +666,14 @@ def test_agentscope_parts_content_becomes_text_blocks(server, ags):
 
 
 def test_agentscope_http_errors_become_model_errors(server, ags):
-    model = _adapter()(ags.openai_chat(server, stream=False))
+    model = _adapter()(ags.openai_chat(server, stream=False), close_model=True)
     server.script = [("status", 401, "bad key")]
     with pytest.raises(ModelAuthError, match="401"):
         model.generate(USER)
     server.script = [("status", 400, "bad request body")]
     with pytest.raises(ModelCallError, match="bad request body"):
         asyncio.run(model.agenerate(USER))
+    model.close()
 
 
 def test_custom_chat_model_base_fixed_response(ags):
@@ -676,14 +685,14 @@ def test_custom_chat_model_base_fixed_response(ags):
         temperature=0.7,
         max_new_tokens=5,
     )
-    assert gen.text == "forty-two"
+    assert gen.text == "The answer\nis 42."  # text blocks joined by newlines, thinking left out
     assert gen.extra["reasoning"] == "let me think"
     assert (gen.prompt_tokens, gen.completion_tokens) == (11, 2)
     msgs, temperature, kwargs = inner.seen[0]
     assert [(m.role, m.get_text_content()) for m in msgs] == [("system", "sys"), ("user", "hi"), ("assistant", "hey")]
     assert temperature == 0.7 and kwargs == {"seed": 1}  # no parameters.max_tokens -> cap ignored
     assert inner.parameters.temperature is None
-    assert asyncio.run(model.agenerate(USER)).text == "forty-two"
+    assert asyncio.run(model.agenerate(USER)).text == "The answer\nis 42."
 
 
 def test_custom_streaming_model_deltas_are_joined(ags):

@@ -28,6 +28,7 @@ app = typer.Typer(
 # Command modules register themselves on ``app`` when imported.
 from . import context as _context  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
+from . import serve as _serve  # noqa: E402,F401
 
 
 def main(argv: Optional[list[str]] = None) -> None:

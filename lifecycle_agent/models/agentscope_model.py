@@ -11,7 +11,7 @@ built with ``stream=True`` (the default for most providers), an async generator 
 ``ChatResponse`` deltas whose last item (``is_last=True``) is the complete reply. The model's
 own formatter turns ``Msg`` objects into the provider's wire format, so this adapter only
 builds ``Msg`` objects from plain ``{"role", "content"}`` dicts and joins the reply's text
-blocks (thinking blocks are kept out of the text).
+blocks with newlines (thinking blocks are kept out of the text).
 
 Event loops: an agentscope model holds an async HTTP client whose connections belong to
 the event loop that opened them (reusing it from another loop fails with "Event loop is
@@ -54,6 +54,9 @@ class AgentScopeModel(ChatModel):
             agentscope code on that one long-lived loop.
         call_kwargs: Extra keyword arguments passed to every model call (forwarded by
             agentscope to the provider API, e.g. ``{"top_p": 0.9}`` for OpenAI).
+        close_model: Whether :meth:`close` also closes the wrapped model's HTTP client
+            (``model.client.close()``, awaited on the loop that used it). Default ``False``:
+            the model belongs to the caller and stays usable.
 
     Per-call ``temperature`` / ``max_new_tokens`` override the model's
     ``parameters.temperature`` / ``parameters.max_tokens`` for that call only (on a shallow
@@ -73,6 +76,7 @@ class AgentScopeModel(ChatModel):
         default_temperature: Optional[float] = None,
         run_in_caller_loop: bool = False,
         call_kwargs: Optional[dict[str, Any]] = None,
+        close_model: bool = False,
     ) -> None:
         if not _is_chat_model_base(model):
             raise ModelSpecError(
@@ -88,7 +92,9 @@ class AgentScopeModel(ChatModel):
         self.default_temperature = default_temperature
         self.run_in_caller_loop = run_in_caller_loop
         self.call_kwargs = dict(call_kwargs or {})
+        self.close_model = close_model
         self._warned_params: set[str] = set()
+        self._closed = False
 
     # ------------------------------------------------------------------ calls
 
@@ -105,6 +111,7 @@ class AgentScopeModel(ChatModel):
         running in this thread, with ``asyncio.run``). Raises :class:`ModelCallError`
         (:class:`ModelAuthError` for a 401/403 from the provider).
         """
+        self._check_open()
         coro = self._call(messages, temperature, max_new_tokens)
         if self.run_in_caller_loop and not _loop_running_here():
             return asyncio.run(coro)
@@ -118,6 +125,7 @@ class AgentScopeModel(ChatModel):
         max_new_tokens: Optional[int] = None,
     ) -> Generation:
         """Async twin of :meth:`generate`; never blocks the caller's event loop."""
+        self._check_open()
         coro = self._call(messages, temperature, max_new_tokens)
         if self.run_in_caller_loop:
             return await coro
@@ -191,16 +199,41 @@ class AgentScopeModel(ChatModel):
             extra["response_id"] = response.id
         usage = getattr(response, "usage", None)
         return Generation(
-            text="".join(texts),
+            text="\n".join(texts),  # as agentscope's Msg.get_text_content joins blocks
             prompt_tokens=getattr(usage, "input_tokens", None) if usage is not None else None,
             completion_tokens=getattr(usage, "output_tokens", None) if usage is not None else None,
             finish_reason=reason,
             extra=extra,
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelCallError(f"model {self.model_id} was closed; wrap the agentscope model again")
+
     def close(self) -> None:
-        """Nothing to release: the wrapped model belongs to the caller, and the shared loop
-        thread (a daemon) serves every adapter. Safe to call twice."""
+        """Refuse later calls; with ``close_model=True`` also close the wrapped model's HTTP
+        client. The shared loop thread (a daemon) serves every adapter and keeps running.
+        Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.close_model:
+            return
+        client = getattr(self.model, "client", None)
+        closer = getattr(client, "close", None) or getattr(client, "aclose", None)
+        if not callable(closer):
+            return
+        try:
+            result = closer()
+            if inspect.isawaitable(result):
+                if not self.run_in_caller_loop:
+                    _SharedLoop.get().run_sync(result, self.model_id)
+                elif _loop_running_here():
+                    asyncio.get_running_loop().create_task(result)
+                else:
+                    asyncio.run(result)
+        except Exception as exc:  # closing is best effort
+            log.debug("closing the client of %s failed: %s", self.model_id, exc)
 
 
 # ---------------------------------------------------------------------- conversion

@@ -42,10 +42,13 @@ from ..errors import ModelCallError, ModelSpecError
 from ..protocol import flatten_content
 from .base import ChatModel, Generation
 
-__all__ = ["LocalModel", "import_torch_stack", "parse_dtype", "pick_device"]
+__all__ = ["LocalModel", "LOCAL_OPTIONS", "load_pretrained", "attach_adapter", "import_torch_stack", "parse_dtype", "pick_device"]
 
 _INSTALL_HINT = "install the `local` extra: pip install 'lifecycle-agent[local]'"
 _STOP = object()
+_KEEP = object()
+#: keyword options of :class:`LocalModel` (what ``from_pretrained`` / ``resolve_model`` pass through).
+LOCAL_OPTIONS = ("model_id", "default_temperature", "max_new_tokens", "max_batch_size", "batch_wait_ms", "num_threads")
 
 #: generate() settings that switch off every sampling/penalty knob a model's
 #: generation_config may carry, so the only logits processing is ours (see module docstring).
@@ -583,8 +586,10 @@ class LocalModel(ChatModel):
         self._attach(engine, model_id=model_id, default_temperature=default_temperature, max_new_tokens=max_new_tokens)
 
     def _attach(self, engine: _Engine, *, model_id: str, default_temperature, max_new_tokens) -> None:
-        self.default_temperature = _check_temperature(default_temperature, "default_temperature", allow_none=True)
-        self.max_new_tokens = _check_budget(max_new_tokens, "max_new_tokens")
+        self.default_temperature = _check_temperature(
+            default_temperature, "default_temperature", allow_none=True, error=ModelSpecError
+        )
+        self.max_new_tokens = _check_budget(max_new_tokens, "max_new_tokens", error=ModelSpecError)
         self.model_id = model_id
         self._engine = engine
         self._closed = False
@@ -602,20 +607,20 @@ class LocalModel(ChatModel):
         self,
         *,
         model_id: Optional[str] = None,
-        default_temperature: Union[float, None, str] = "same",
+        default_temperature: Any = _KEEP,
         max_new_tokens: Optional[int] = None,
     ) -> "LocalModel":
         """Another :class:`LocalModel` on the same weights and batching worker, with its own defaults.
 
-        Requests of all views are batched together. ``default_temperature="same"`` keeps this
-        view's default; ``None`` for the others keeps this view's value.
+        Requests of all views are batched together; each view is closed on its own. Arguments
+        left out keep this view's values (``default_temperature=None`` means greedy by default).
         """
         if self._closed:
             raise ModelCallError(f"model {self.model_id} is closed; cannot share it")
         return type(self)._view(
             self._engine,
             model_id=model_id or self.model_id,
-            default_temperature=self.default_temperature if default_temperature == "same" else default_temperature,
+            default_temperature=self.default_temperature if default_temperature is _KEEP else default_temperature,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
         )
 
@@ -644,6 +649,11 @@ class LocalModel(ChatModel):
             options: passed to :class:`LocalModel` (``default_temperature``, ``max_new_tokens``,
                 ``max_batch_size``, ``batch_wait_ms``, ``num_threads``).
         """
+        unknown = sorted(set(options) - set(LOCAL_OPTIONS))
+        if unknown:
+            raise ModelSpecError(
+                f"hf:{path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(LOCAL_OPTIONS)}"
+            )
         model, tokenizer = load_pretrained(path, adapter=adapter, device=device, dtype=dtype)
         if model_id is None:
             model_id = f"hf:{path}" + (f"@{adapter}" if adapter else "")
@@ -723,21 +733,21 @@ class LocalModel(ChatModel):
         self.close()
 
 
-def _check_temperature(value, name: str, *, allow_none: bool) -> Optional[float]:
+def _check_temperature(value, name: str, *, allow_none: bool, error=ModelCallError) -> Optional[float]:
     if value is None and allow_none:
         return None
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ModelCallError(f"{name} must be a number >= 0, got {value!r}") from None
+        raise error(f"{name} must be a number >= 0 (0 = greedy), got {value!r}") from None
     if math.isnan(value) or value < 0 or math.isinf(value):
-        raise ModelCallError(f"{name} must be a finite number >= 0 (0 = greedy), got {value!r}")
+        raise error(f"{name} must be a finite number >= 0 (0 = greedy), got {value!r}")
     return value
 
 
-def _check_budget(value, name: str) -> int:
+def _check_budget(value, name: str, error=ModelCallError) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelCallError(f"{name} must be an integer >= 1 (tokens), got {value!r}")
+        raise error(f"{name} must be an integer >= 1 (tokens), got {value!r}")
     return value
 
 

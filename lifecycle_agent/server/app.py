@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Iterable, Optional
+from typing import Annotated, Any, Iterable, Literal, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..models.base import ChatModel
 from ..protocol import apply_budget
-from ..store import AgentInfo, ContextVersion, EpisodeRow, Store
+from ..store import AgentInfo, ContextVersion, EpisodeRow, Store, check_agent_id
 from . import schemas as s
 from .auth import LOCAL_TENANT, KeyRing, Tenant, is_loopback
 from .middleware import RequestGuard
@@ -177,7 +177,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        type_ = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        type_ = {404: "not_found_error", 413: "request_too_large"}.get(exc.status_code, "invalid_request_error")
         message = {404: f"no route {request.url.path}; see /docs", 405: f"method {request.method} is not allowed on {request.url.path}"}
         return ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), type_,
                         headers=getattr(exc, "headers", None)).response()
@@ -203,6 +203,8 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
         return _bad(f"request body is not valid JSON ({why}); send a JSON object").response()
     if loc == ["body"] and first.get("type") == "missing":
         return _bad("request body is missing; send a JSON object with content-type application/json").response()
+    if loc == ["body"] and first.get("type") in ("model_attributes_type", "dict_type"):
+        return _bad("request body must be a JSON object (send content-type: application/json)").response()
     where = loc[0] if loc and loc[0] in ("query", "path", "header") else None
     parts = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
     param = ""
@@ -211,6 +213,11 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
     message = str(first.get("msg", "invalid value"))
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
+    if first.get("type") == "string_pattern_mismatch" and parts and parts[-1] in ("agent_id", "model", "model_id"):
+        try:
+            check_agent_id(first.get("input"))
+        except ValueError as exc:
+            message = str(exc)
     prefix = f"{where} parameter " if where else ""
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return _bad(f"{prefix}{param or 'body'}: {message}{more}", param=param or None).response()
@@ -229,6 +236,39 @@ def _openapi(app: FastAPI) -> dict:
         schemas.pop(name, None)
     app.openapi_schema = doc
     return doc
+
+
+# ---------------------------------------------------------------------------------------- auth
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--api-key).")
+
+
+async def tenant_of(
+    request: Request, credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(_bearer)]
+) -> Tenant:
+    """The caller's tenant from its bearer key (every route but /healthz depends on it)."""
+    keyring: KeyRing = request.app.state.keyring
+    if keyring.local_only:
+        client = request.client.host if request.client else None
+        if not is_loopback(client):
+            raise ApiError(403, "this server runs without API keys (local-only mode) and answers loopback "
+                                "clients only", "permission_error")
+        tenant = LOCAL_TENANT
+    else:
+        if credentials is None:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           "authentication_error", code="missing_api_key", headers={"www-authenticate": "Bearer"})
+        found = keyring.tenant(credentials.credentials)
+        if found is None:
+            raise ApiError(401, "invalid API key", "authentication_error", code="invalid_api_key",
+                           headers={"www-authenticate": "Bearer"})
+        tenant = found
+    request.state.tenant = tenant.tag
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(tenant_of)]
 
 
 # ---------------------------------------------------------------------------------------- views
@@ -264,30 +304,6 @@ def _finish_reason(reason: Optional[str]) -> str:
 
 def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     store = service.store
-    bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--api-key).")
-
-    async def tenant_of(
-        request: Request, credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]
-    ) -> Tenant:
-        if keyring.local_only:
-            client = request.client.host if request.client else None
-            if not is_loopback(client):
-                raise ApiError(403, "this server runs without API keys (local-only mode) and answers loopback "
-                                    "clients only", "permission_error")
-            tenant = LOCAL_TENANT
-        else:
-            if credentials is None:
-                raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                               "authentication_error", code="missing_api_key", headers={"www-authenticate": "Bearer"})
-            found = keyring.tenant(credentials.credentials)
-            if found is None:
-                raise ApiError(401, "invalid API key", "authentication_error", code="invalid_api_key",
-                               headers={"www-authenticate": "Bearer"})
-            tenant = found
-        request.state.tenant = tenant.tag
-        return tenant
-
-    TenantDep = Annotated[Tenant, Depends(tenant_of)]
 
     def stored_id(tenant: Tenant, public_id: str, param: str = "agent_id") -> str:
         try:
@@ -577,12 +593,13 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         """Unified diff between two context versions."""
         sid, info = owned(request, tenant, agent_id)
         b = info.head_version if b is None else b
-        old, new = version_or_404(sid, agent_id, a), version_or_404(sid, agent_id, b)
-        import difflib
-
-        lines = difflib.unified_diff(old.text.splitlines(), new.text.splitlines(), f"{agent_id}@v{a}",
-                                     f"{agent_id}@v{b}", lineterm="")
-        return {"agent_id": agent_id, "a": a, "b": b, "diff": "\n".join(lines)}
+        version_or_404(sid, agent_id, a)
+        version_or_404(sid, agent_id, b)
+        text = store.diff(sid, a, b)
+        if tenant.prefix:  # the file labels name the stored id; show the caller's id
+            head, sep, rest = text.partition("\n@@")
+            text = head.replace(f"{sid}@v", f"{agent_id}@v") + sep + rest
+        return {"agent_id": agent_id, "a": a, "b": b, "diff": text}
 
     @router.post("/v1/agents/{agent_id}/rollback", response_model=s.ContextResponse, tags=["contexts"],
                  responses=_BODY_ERRORS)
@@ -597,7 +614,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.get("/v1/agents/{agent_id}/episodes", response_model=s.EpisodePage, tags=["episodes"])
     async def episodes(
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
-        kind: Annotated[Optional[s.Literal["solve", "update"]], Query(description="Only this kind.")] = None,
+        kind: Annotated[Optional[Literal["solve", "update"]], Query(description="Only this kind.")] = None,
         completion_id: Annotated[Optional[str], Query(max_length=s.MAX_COMPLETION_ID_CHARS,
                                                       description="Only the episodes of this completion.")] = None,
         limit: Annotated[int, Query(ge=1, le=500, description="Episodes per page.")] = 50,

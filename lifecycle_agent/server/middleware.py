@@ -14,11 +14,17 @@ import os
 import time
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 access_log = logging.getLogger("lifecycle_agent.server.access")
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+def too_large(limit: int) -> str:
+    return f"request body is over the limit of {limit} bytes; send less or raise the server's --max-body-bytes"
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:
@@ -62,18 +68,15 @@ class RequestGuard:
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
-                    if received > limit:
-                        raise BodyTooLarge()
+                    if received > limit:  # FastAPI turns other errors raised while reading into 400
+                        raise HTTPException(413, too_large(limit))
                 return message
 
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
             if status["sent"]:
                 raise
-            body = error_body(
-                f"request body is over the limit of {limit} bytes; send less or raise the server's --max-body-bytes",
-                "request_too_large",
-            )
+            body = error_body(too_large(limit), "request_too_large")
             await send_wrapper({
                 "type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -1,0 +1,106 @@
+"""``RalphConfig``: every knob of a Ralph loop, with its unit and default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import LifecycleAgentError
+
+#: Where the loop keeps its database, state and lock files, inside the repository (git-ignored).
+STATE_DIR = ".lifecycle-agent"
+DEFAULT_AGENT_ID = "ralph"
+DEFAULT_MARKER = "<promise>COMPLETE</promise>"
+#: Default notes budget of a new ralph agent, characters (coding notes are longer than task notes).
+DEFAULT_NOTES_BUDGET = 4000
+
+
+class RalphError(LifecycleAgentError):
+    """A Ralph loop cannot start or go on: bad repository, prompt, command or option."""
+
+
+class RalphConfig(BaseModel):
+    """Options of :func:`~lifecycle_agent.ralph.run_loop` (the model is passed separately)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: Path = Field(description="Top-level directory of the git repository the agent works on.")
+    check: str = Field(description="Shell command run in the repository after every iteration; exit code 0 means done.")
+    prompt: Path = Field(
+        default=Path("PROMPT.md"),
+        description="Task file. A relative path is looked up in the repository first, then in the current directory.",
+    )
+    agent_cmd: Optional[str] = Field(
+        default=None,
+        description="External coding CLI run in the repository each iteration; it reads the prompt on stdin.",
+    )
+    notes_file: str = Field(default="NOTES.md", description="The notes mirror, relative to the repository root.")
+    max_iterations: int = Field(default=10, ge=1, le=100_000, description="Iterations of the whole loop (resumed runs included).")
+    max_minutes: float = Field(default=60.0, gt=0, description="Wall time of this invocation, minutes.")
+    max_tokens: Optional[int] = Field(
+        default=None, ge=1, description="Model tokens (prompt + completion) of the whole loop; None: no limit."
+    )
+    max_no_progress: int = Field(default=3, ge=1, description="Stop after this many iterations in a row that change no file.")
+    max_same_failure: int = Field(default=3, ge=1, description="Stop after the same failing check output this many times in a row.")
+    completion_marker: Optional[str] = Field(
+        default=DEFAULT_MARKER, description="Text that, in the agent's output, stops the loop after this iteration; None: off."
+    )
+    check_timeout: float = Field(default=600.0, gt=0, description="Longest check run, seconds.")
+    agent_timeout: Optional[float] = Field(
+        default=None, gt=0, description="Longest external agent run, seconds (always cut at the wall-time limit)."
+    )
+    command_timeout: float = Field(default=60.0, gt=0, description="Longest run_command call of the built-in agent, seconds.")
+    max_turns: int = Field(default=30, ge=1, description="Tool calls of the built-in agent per iteration.")
+    output_chars: int = Field(default=4000, ge=200, description="Longest check, command or tool output shown to the agent, characters.")
+    db: Optional[Path] = Field(default=None, description=f"SQLite file; default <repo>/{STATE_DIR}/ralph.db.")
+    agent_id: str = Field(default=DEFAULT_AGENT_ID, description="The agent's id in the database.")
+    allow_dirty: bool = Field(default=False, description="Start even when the repository has uncommitted changes.")
+    context_budget: Optional[int] = Field(
+        default=None, ge=1, description=f"Notes budget, characters (stored with the agent; new agents get {DEFAULT_NOTES_BUDGET})."
+    )
+    temperature: Optional[float] = Field(default=None, ge=0, description="Sampling temperature of the built-in agent (None: the model's).")
+    max_new_tokens: Optional[int] = Field(default=None, ge=1, description="Per model call (None: the model's default).")
+
+    @field_validator("check")
+    @classmethod
+    def _check_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the check command must not be empty (e.g. 'pytest -q')")
+        return value
+
+    @field_validator("agent_cmd")
+    @classmethod
+    def _agent_cmd_not_blank(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("the agent command must not be empty")
+        return value
+
+    @field_validator("completion_marker")
+    @classmethod
+    def _marker(cls, value: Optional[str]) -> Optional[str]:
+        return value if value and value.strip() else None
+
+    @field_validator("notes_file")
+    @classmethod
+    def _notes_inside(cls, value: str) -> str:
+        path = Path(value)
+        if not value.strip() or path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"{value!r} must be a path inside the repository, relative to its root (e.g. NOTES.md)")
+        if path.parts[0] in (".git", STATE_DIR):
+            raise ValueError(f"{value!r} must not be inside {path.parts[0]}/")
+        return path.as_posix()
+
+    @classmethod
+    def build(cls, **options) -> "RalphConfig":
+        """Validate options, turning validation errors into a :class:`RalphError` naming the option."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err.get("loc", ())) or "options"
+            if err.get("type") == "extra_forbidden":
+                known = ", ".join(sorted(cls.model_fields))
+                raise RalphError(f"unknown ralph option {field!r} (known: {known})") from None
+            raise RalphError(f"ralph option {field}: {err.get('msg')}") from None

@@ -1,0 +1,285 @@
+"""One iteration of a Ralph loop as an :class:`~lifecycle_agent.tasks.InteractiveTask`.
+
+The agent (the built-in tool agent, or an external agent command seen through
+:class:`AgentCommandModel`) works in the repository; its turns are the task's steps.
+When it says it is done, runs out of turns, or a loop limit is hit, the task runs the
+check: reward 1.0 when it passes, else 0.0, and feedback = the trimmed check output and
+the files changed. :class:`~lifecycle_agent.agent.LifecycleAgent` solves the task and then
+runs the update-context episode, so an iteration is stored like any other task.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..models.base import ChatModel, Generation
+from ..models.scripted import is_update
+from ..tasks import InteractiveTask, StepResult
+from . import prompts
+from .config import RalphConfig
+from .gitrepo import GitRepo
+from .shell import CommandResult, fingerprint, run_shell, trim
+from .tools import DONE, RepoTools, parse_tool_call, tool_list
+
+#: Characters per token assumed when a model does not report token counts.
+CHARS_PER_TOKEN = 4
+
+
+def iteration_id(iteration: int) -> str:
+    """The task id of iteration ``iteration`` (from 1)."""
+    return f"iter-{iteration}"
+
+
+def iteration_number(task_id: Optional[str]) -> Optional[int]:
+    """The inverse of :func:`iteration_id`; ``None`` for other ids."""
+    if task_id and task_id.startswith("iter-") and task_id[5:].isdigit():
+        return int(task_id[5:])
+    return None
+
+
+@dataclass
+class CheckSummary:
+    """The latest check result shown to the next iteration."""
+
+    output: str
+    verdict: str
+    after_iteration: Optional[int]
+    """The iteration it ran after; ``None`` when it ran before the first iteration of this invocation."""
+
+
+class TokenMeter:
+    """Counts the model tokens of a loop against its limit (``None``: no limit)."""
+
+    def __init__(self, limit: Optional[int], spent: int = 0):
+        self.limit = limit
+        self.spent = spent
+
+    def add(self, reply: Generation, messages: list[dict]) -> None:
+        """Count one call; estimates (and fills in) counts the model did not report."""
+        if reply.prompt_tokens is None:
+            reply.prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // CHARS_PER_TOKEN
+        if reply.completion_tokens is None:
+            reply.completion_tokens = len(reply.text) // CHARS_PER_TOKEN
+        self.spent += reply.prompt_tokens + reply.completion_tokens
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.spent >= self.limit
+
+
+class MeteredModel(ChatModel):
+    """A model whose calls are counted by a :class:`TokenMeter`."""
+
+    def __init__(self, inner: ChatModel, meter: TokenMeter):
+        self.inner = inner
+        self.meter = meter
+        self.model_id = inner.model_id
+        self.default_temperature = inner.default_temperature
+
+    def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
+        reply = self.inner.generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+        self.meter.add(reply, messages)
+        return reply
+
+    async def agenerate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
+        reply = await self.inner.agenerate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+        self.meter.add(reply, messages)
+        return reply
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def render_prompt(messages: list[dict]) -> str:
+    """A solve prompt as one text for an external command's stdin (system text, then the task)."""
+    return "\n\n".join(str(m.get("content") or "").strip() for m in messages if m.get("role") in ("system", "user")) + "\n"
+
+
+class AgentCommandModel(ChatModel):
+    """An external coding CLI as the solve side of the loop: prompt on stdin, its output as the reply.
+
+    Args:
+        command: shell command, run in the repository.
+        repo: the repository root.
+        timeout: returns the seconds this run may take (the loop's remaining wall time, capped).
+        output_chars: longest reply kept, characters.
+    """
+
+    def __init__(self, command: str, repo: Path, timeout: Callable[[], float], output_chars: int):
+        self.command = command
+        self.repo = repo
+        self.timeout = timeout
+        self.output_chars = output_chars
+        self.model_id = f"agent-cmd:{command[:200]}"
+        self.last: Optional[CommandResult] = None
+
+    def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
+        result = run_shell(
+            self.command, self.repo, timeout=self.timeout(), stdin_text=render_prompt(messages), separate_stderr=True
+        )
+        self.last = result
+        text = trim(result.output.strip(), self.output_chars)
+        if not result.passed:
+            stderr = trim(result.stderr.strip(), self.output_chars // 4)
+            text += f"\n[agent command {_command_status(result)}]" + (f"\n[stderr]\n{stderr}" if stderr else "")
+        return Generation(text=text.strip() or "(the agent command printed nothing)", finish_reason="exit")
+
+
+def _command_status(result: CommandResult) -> str:
+    if result.timed_out:
+        return f"was stopped after {result.timeout_s:g} s"
+    return f"exited with code {result.exit_code}"
+
+
+class RoutedModel(ChatModel):
+    """Solve calls go to one model (an agent command), update calls to another (a chat model)."""
+
+    def __init__(self, solve: ChatModel, update: ChatModel):
+        self.solve = solve
+        self.update = update
+        self.model_id = f"{solve.model_id}+{update.model_id}"
+
+    def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
+        target = self.update if is_update(messages) else self.solve
+        return target.generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+
+    def close(self) -> None:
+        self.update.close()
+
+
+def instructions(config: RalphConfig, *, builtin: bool, agent_notes: bool) -> str:
+    """The task-level instructions shown in the system prompt of every iteration."""
+    marker = prompts.MARKER_LINE.format(marker=config.completion_marker) if config.completion_marker else ""
+    if builtin:
+        return prompts.TOOL_INSTRUCTIONS.format(
+            tools=tool_list(), max_turns=config.max_turns, check=config.check, marker_line=marker
+        )
+    notes = prompts.AGENT_NOTES_LINE.format(notes_file=config.notes_file) if agent_notes else prompts.MODEL_NOTES_LINE
+    return prompts.COMMAND_INSTRUCTIONS.format(check=config.check, notes_line=notes, marker_line=marker)
+
+
+class IterationTask(InteractiveTask):
+    """Iteration ``iteration`` of a loop (task id ``iter-<n>``).
+
+    Its ``metadata["ralph"]`` (stored with the solve episode) records the check result,
+    the files changed, whether the completion marker was seen and the agent command's
+    exit status; :mod:`lifecycle_agent.ralph.status` reads it back.
+    """
+
+    def __init__(
+        self,
+        iteration: int,
+        *,
+        config: RalphConfig,
+        repo: GitRepo,
+        prompt_text: str,
+        previous: Optional[CheckSummary],
+        base: Optional[str],
+        tools: Optional[RepoTools],
+        command: Optional[AgentCommandModel],
+        meter: TokenMeter,
+        deadline: float,
+        agent_notes: bool,
+    ):
+        self.id = iteration_id(iteration)
+        self.iteration = iteration
+        self.config = config
+        self.repo = repo
+        self.prompt_text = prompt_text
+        self.previous = previous
+        self.base = base
+        self.tools = tools
+        self.command = command
+        self.meter = meter
+        self.deadline = deadline
+        self.max_turns = config.max_turns if tools is not None else 1
+        self.instructions = instructions(config, builtin=tools is not None, agent_notes=agent_notes)
+        self.metadata: dict[str, Any] = {}
+        self.started_at = time.time()
+        self.marker_seen = False
+        self.tool_calls = 0
+
+    def start(self) -> str:
+        if self.previous is None:
+            section = "(the check has not run yet)"
+        else:
+            when = (
+                prompts.CHECK_WHEN_START if self.previous.after_iteration is None
+                else prompts.CHECK_WHEN_ITERATION.format(iteration=self.previous.after_iteration)
+            )
+            section = prompts.CHECK_SECTION.format(
+                when=when, command=self.config.check, verdict=self.previous.verdict,
+                output=self.previous.output or prompts.NO_OUTPUT,
+            )
+        return prompts.OBSERVATION.format(
+            prompt=self.prompt_text.strip(), iteration=self.iteration,
+            max_iterations=self.config.max_iterations, check_section=section,
+        )
+
+    def _saw(self, action: str) -> None:
+        marker = self.config.completion_marker
+        if marker and marker in action:
+            self.marker_seen = True
+
+    def step(self, action: str) -> StepResult:
+        self._saw(action)
+        if self.tools is None:  # an agent command: one turn, its output is the reply
+            last = self.command.last if self.command is not None else None
+            note = prompts.NOTE_AGENT_FAILED.format(status=_command_status(last)) if last and not last.passed else ""
+            if last is not None and last.timed_out and time.monotonic() >= self.deadline:
+                note = prompts.NOTE_TIME_LIMIT
+            return self._finish(note)
+        call = parse_tool_call(action)
+        if call is not None and call.name == DONE:
+            return self._finish("")
+        if call is None:
+            if self.marker_seen:
+                return self._finish("")
+            observation = prompts.NO_TOOL_CALL
+        else:
+            observation = self.tools.call(call)
+            self.tool_calls += 1
+        if self.meter.exhausted:
+            return self._finish(prompts.NOTE_TOKEN_LIMIT)
+        if time.monotonic() >= self.deadline:
+            return self._finish(prompts.NOTE_TIME_LIMIT)
+        return StepResult(observation, None, False, None)
+
+    def timeout_result(self) -> StepResult:
+        return self._finish(prompts.NOTE_TURN_LIMIT.format(max_turns=self.max_turns))
+
+    def _finish(self, note: str) -> StepResult:
+        """Run the check; reward 1.0 when it passes; feedback = check output + changed files."""
+        changes = self.repo.changes(self.base)  # before the check, so files the check writes do not count
+        check = run_shell(self.config.check, self.repo.root, timeout=self.config.check_timeout)
+        output = trim(check.output.strip(), self.config.output_chars)
+        progress = [f for f in changes.files if f != self.config.notes_file]
+        last = self.command.last if self.command is not None else None
+        self.metadata["ralph"] = {
+            "iteration": self.iteration,
+            "check_passed": check.passed,
+            "check_exit_code": check.exit_code,
+            "check_timed_out": check.timed_out,
+            "check_verdict": check.verdict(),
+            "check_output": output,
+            "check_fingerprint": fingerprint(check),
+            "check_duration_s": round(check.duration_s, 3),
+            "changed_files": changes.files,
+            "progress_files": progress,
+            "diff_stat": changes.stat,
+            "completion_marker": self.marker_seen,
+            "tool_calls": self.tool_calls,
+            "agent_exit_code": last.exit_code if last else None,
+            "agent_timed_out": bool(last and last.timed_out),
+            "note": note.strip() or None,
+            "base": self.base,
+            "started_at": self.started_at,
+        }
+        feedback = prompts.FEEDBACK.format(
+            command=self.config.check, verdict=check.verdict(), duration=check.duration_s, note=note,
+            output=output or prompts.NO_OUTPUT, changes=changes.stat or prompts.NO_CHANGES,
+        )
+        return StepResult("", 1.0 if check.passed else 0.0, True, feedback)

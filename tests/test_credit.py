@@ -1,0 +1,174 @@
+"""Credit assignment: rewards-to-go returns, per-(type, position) group baselines, re-weighting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.credit import (
+    PARSE_FAILURE_REWARD,
+    cod_advantages,
+    reweight_advantages,
+    solve_returns,
+    update_returns,
+    update_reward,
+)
+
+
+def assert_matrix_close(actual, expected, tol=1e-9):
+    assert len(actual) == len(expected)
+    for row_a, row_e in zip(actual, expected):
+        assert len(row_a) == len(row_e)
+        for a, e in zip(row_a, row_e):
+            assert a == pytest.approx(e, abs=tol)
+
+
+def test_solve_return_is_mean_of_rewards_to_go():
+    assert_matrix_close(solve_returns([[1, 0, 1], [0, 0, 0]]), [[2 / 3, 0.5, 1], [0, 0, 0]])
+
+
+def test_update_return_is_own_reward_then_later_tasks():
+    assert_matrix_close(update_returns([[0, -0.1]], [[1, 0, 1]]), [[1 / 3, 0.45]])
+
+
+def test_hand_computed_pack_of_three_tasks():
+    solve, update = cod_advantages([[1, 0, 1], [0, 0, 0]], [[0, -0.1], [0, 0]])
+    assert_matrix_close(solve, [[1 / 3, 0.25, 0.5], [-1 / 3, -0.25, -0.5]])
+    assert_matrix_close(update, [[1 / 6, 0.225], [-1 / 6, -0.225]])
+
+
+def test_ties_share_the_same_advantage():
+    solve, update = cod_advantages([[1, 1], [1, 1], [0, 0]], [[0], [0], [0]])
+    assert_matrix_close(solve, [[1 / 3, 1 / 3], [1 / 3, 1 / 3], [-2 / 3, -2 / 3]])
+    assert_matrix_close(update, [[1 / 6], [1 / 6], [-1 / 3]])
+
+
+def test_all_equal_group_has_zero_advantage():
+    solve, update = cod_advantages([[1, 0, 1]] * 4, [[0, -0.1]] * 4)
+    assert_matrix_close(solve, [[0, 0, 0]] * 4)
+    assert_matrix_close(update, [[0, 0]] * 4)
+
+
+def test_all_equal_group_has_zero_advantage_with_std_scaling():
+    solve, update = cod_advantages([[0.5, 0.5]] * 3, [[-0.1]] * 3, normalize_std=True)
+    assert_matrix_close(solve, [[0, 0]] * 3)
+    assert_matrix_close(update, [[0]] * 3)
+
+
+def test_single_task_pack_has_no_update_advantages():
+    solve, update = cod_advantages([[1], [0]], [[], []])
+    assert_matrix_close(solve, [[0.5], [-0.5]])
+    assert update == [[], []]
+
+
+def test_parse_failure_lowers_only_that_update():
+    solve, update = cod_advantages([[0, 1], [0, 1]], [[update_reward("ok")], [update_reward("format_miss")]])
+    assert_matrix_close(solve, [[0, 0], [0, 0]])
+    assert_matrix_close(update, [[0.025], [-0.025]])
+
+
+def test_update_reward_penalises_every_status_but_ok():
+    assert update_reward("ok") == 0.0
+    for status in ("format_miss", "failed", "error", None):
+        assert update_reward(status) == PARSE_FAILURE_REWARD == -0.1
+
+
+def test_std_scaling_divides_by_sample_std():
+    solve, _ = cod_advantages([[1, 0], [0, 0]], [[0], [0]], normalize_std=True)
+    expected = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert_matrix_close(solve, [[expected, 0], [-expected, 0]], tol=1e-6)
+
+
+def test_tensors_in_give_tensors_out():
+    torch = pytest.importorskip("torch")
+    solve, update = cod_advantages(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0], [-0.1]]))
+    assert isinstance(solve, torch.Tensor) and solve.shape == (2, 2)
+    assert isinstance(update, torch.Tensor) and update.shape == (2, 1)
+    assert solve[0, 0].item() == pytest.approx(0.25)
+
+
+def test_single_task_tensors_keep_an_empty_update_dimension():
+    torch = pytest.importorskip("torch")
+    _, update = cod_advantages(torch.tensor([[1.0], [0.0]]), torch.zeros(2, 0))
+    assert update.shape == (2, 0)
+
+
+def test_ragged_solve_rewards_are_refused():
+    with pytest.raises(ValueError, match=r"solve_rewards\[1\] has 1 positions"):
+        cod_advantages([[1, 0], [1]], [[0], [0]])
+
+
+def test_update_rewards_of_wrong_length_are_refused():
+    with pytest.raises(ValueError, match=r"update_rewards\[0\] has 2 positions; expected S - 1 = 1"):
+        cod_advantages([[1, 0], [1, 0]], [[0, 0], [0]])
+
+
+def test_mismatched_group_sizes_are_refused():
+    with pytest.raises(ValueError, match="update_rewards has 1 rollouts but solve_rewards has 2"):
+        cod_advantages([[1, 0], [1, 0]], [[0]])
+
+
+def test_non_finite_reward_is_refused_with_its_cell():
+    with pytest.raises(ValueError, match=r"solve_rewards\[0\]\[1\] must be a finite number"):
+        cod_advantages([[1, float("nan")], [0, 0]], [[0], [0]])
+
+
+def test_empty_group_is_refused():
+    with pytest.raises(ValueError, match="no rollout"):
+        cod_advantages([], [])
+
+
+def test_reweighting_leaves_a_non_negative_batch_alone():
+    values, temperature = reweight_advantages([1.0, -1.0], [3, 1])
+    assert values == [1.0, -1.0] and temperature is None
+
+
+def test_reweighting_finds_the_temperature_that_zeroes_the_token_sum():
+    values, temperature = reweight_advantages([1.0, -1.0], [1, 3])
+    # exp(1/T) = 3 exp(-1/T)  =>  T = 2 / ln 3
+    assert temperature == pytest.approx(2 / math.log(3), abs=0.05)
+    assert values[0] == pytest.approx(math.exp(1 / temperature))
+    assert abs(values[0] * 1 + values[1] * 3) < 0.1
+
+
+def test_reweighting_stops_at_the_lowest_temperature():
+    values, temperature = reweight_advantages([0.01, -1.0], [1, 100])
+    assert temperature == pytest.approx(0.8, abs=0.05)
+    assert values[1] > -1.0  # negative advantages shrink
+
+
+def test_reweighting_refuses_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 advantages but 1 lengths"):
+        reweight_advantages([1.0, -1.0], [1])
+
+
+@st.composite
+def packs(draw):
+    group = draw(st.integers(min_value=1, max_value=6))
+    size = draw(st.integers(min_value=1, max_value=5))
+    reward = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(min_value=-1, max_value=1, allow_nan=False))
+    solve = [[draw(reward) for _ in range(size)] for _ in range(group)]
+    update = [[draw(st.sampled_from([0.0, PARSE_FAILURE_REWARD])) for _ in range(size - 1)] for _ in range(group)]
+    return solve, update
+
+
+@settings(max_examples=200, deadline=None)
+@given(packs(), st.booleans())
+def test_group_advantages_sum_to_zero_at_every_type_and_position(pack, normalize_std):
+    solve, update = pack
+    adv_solve, adv_update = cod_advantages(solve, update, normalize_std=normalize_std)
+    for advantages in (adv_solve, adv_update):
+        for j in range(len(advantages[0])):
+            assert abs(sum(row[j] for row in advantages)) < 1e-9 * len(advantages)
+
+
+@settings(max_examples=100, deadline=None)
+@given(packs())
+def test_advantages_keep_the_shapes_of_the_rewards(pack):
+    solve, update = pack
+    adv_solve, adv_update = cod_advantages(solve, update)
+    assert [len(r) for r in adv_solve] == [len(r) for r in solve]
+    assert [len(r) for r in adv_update] == [len(r) for r in update]
