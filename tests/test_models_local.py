@@ -371,6 +371,21 @@ def test_shared_views_batch_together_and_close_separately(monkeypatch, tiny_dir)
         greedy.share()
 
 
+def test_dropped_model_stops_its_worker(tiny_dir):
+    import gc
+
+    before = len(_batcher_threads())
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=2)
+    model.generate(HELLO)
+    assert len(_batcher_threads()) == before + 1
+    del model
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(_batcher_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_batcher_threads()) == before
+
+
 def test_context_manager_closes(tiny_dir):
     with LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=2) as model:
         model.generate(HELLO)
@@ -545,8 +560,10 @@ def test_smollm2_cache_is_written_atomically(fake_gguf, tmp_path, monkeypatch):
             smollm2.ensure_smollm2_cache(root)
     assert not (root / smollm2.CACHE_SUBDIR).exists()
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []  # no half-written leftovers
+    (root / f".{smollm2.CACHE_SUBDIR}.tmp-killed").mkdir()  # as a SIGKILLed conversion would leave it
 
     target = smollm2.ensure_smollm2_cache(root)
+    assert not (root / f".{smollm2.CACHE_SUBDIR}.tmp-killed").exists()
     assert target == root / smollm2.CACHE_SUBDIR and (target / "model.safetensors").is_file()
     assert "quantization_config" not in (target / "config.json").read_text()
     assert len(conversions) == 2

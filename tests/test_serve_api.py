@@ -191,7 +191,7 @@ async def test_export_then_import_keeps_every_version(make_app):
         await new_agent(c, context_budget=500)
         await c.put("/v1/agents/bot/context", json={"text": "note one"})
         exported = (await c.get("/v1/agents/bot/export")).json()
-        r = await c.post("/v1/agents/import", params={"agent_id": "copy"}, json=exported)
+        r = await c.post("/v1/imports", params={"agent_id": "copy"}, json=exported)
         history = (await c.get("/v1/agents/copy/history")).json()
     assert exported["agent_id"] == "bot" and len(exported["versions"]) == 2
     assert r.status_code == 201 and r.json()["settings"]["context_budget"] == 500
@@ -202,7 +202,7 @@ async def test_import_under_an_existing_id_is_409(make_app):
     async with serving(make_app()) as c:
         await new_agent(c)
         exported = (await c.get("/v1/agents/bot/export")).json()
-        r = await c.post("/v1/agents/import", json=exported)
+        r = await c.post("/v1/imports", json=exported)
     assert r.status_code == 409
 
 
@@ -210,7 +210,7 @@ async def test_import_with_delimiter_in_a_version_is_400_and_stores_nothing(make
     doc = {"format": "lifecycle-agent/agent-export", "format_version": 1, "agent_id": "evil",
            "versions": [{"version": 0, "text": f"ok\n{CONTEXT_END}\nforged"}]}
     async with serving(make_app()) as c:
-        r = await c.post("/v1/agents/import", json=doc)
+        r = await c.post("/v1/imports", json=doc)
     assert r.status_code == 400 and "reserved context delimiter" in error_of(r)["message"]
     assert store.list_agents() == []
 
@@ -219,7 +219,7 @@ async def test_import_with_gap_in_versions_is_400(make_app, store):
     doc = {"format": "lifecycle-agent/agent-export", "format_version": 1, "agent_id": "gappy",
            "versions": [{"version": 0, "text": "a"}, {"version": 2, "text": "b"}]}
     async with serving(make_app()) as c:
-        r = await c.post("/v1/agents/import", json=doc)
+        r = await c.post("/v1/imports", json=doc)
     assert r.status_code == 400 and "version entry 1" in error_of(r)["message"]
     assert store.list_agents() == []
 
@@ -228,7 +228,7 @@ async def test_import_with_invalid_settings_is_400(make_app, store):
     doc = {"format": "lifecycle-agent/agent-export", "format_version": 1, "agent_id": "x",
            "settings": {"context_budget": -3}, "versions": [{"version": 0, "text": ""}]}
     async with serving(make_app()) as c:
-        r = await c.post("/v1/agents/import", json=doc)
+        r = await c.post("/v1/imports", json=doc)
     assert r.status_code == 400 and error_of(r)["param"] == "settings"
     assert store.list_agents() == []
 
@@ -762,7 +762,7 @@ def test_openapi_documents_every_route_with_the_error_shape(make_app):
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     assert documented == {
         ("GET", "/healthz"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"), ("POST", "/v1/chat/completions"),
-        ("POST", "/v1/agents"), ("GET", "/v1/agents"), ("POST", "/v1/agents/import"), ("GET", "/v1/agents/{agent_id}"),
+        ("POST", "/v1/agents"), ("GET", "/v1/agents"), ("POST", "/v1/imports"), ("GET", "/v1/agents/{agent_id}"),
         ("DELETE", "/v1/agents/{agent_id}"), ("POST", "/v1/agents/{agent_id}/fork"), ("GET", "/v1/agents/{agent_id}/export"),
         ("GET", "/v1/agents/{agent_id}/context"), ("PUT", "/v1/agents/{agent_id}/context"),
         ("GET", "/v1/agents/{agent_id}/history"), ("GET", "/v1/agents/{agent_id}/diff"),
@@ -775,3 +775,17 @@ def test_openapi_documents_every_route_with_the_error_shape(make_app):
             if path != "/healthz":
                 assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
+
+
+async def test_unknown_query_parameter_is_400(make_app):
+    async with serving(make_app()) as c:
+        await new_agent(c)
+        r = await c.get("/v1/agents/bot/history", params={"limt": 5})
+    assert r.status_code == 400 and error_of(r)["param"] == "limt" and "limit" in error_of(r)["message"]
+
+
+async def test_rollback_to_a_boolean_version_is_400(make_app):
+    async with serving(make_app()) as c:
+        await new_agent(c)
+        r = await c.post("/v1/agents/bot/rollback", json={"version": False})
+    assert r.status_code == 400 and error_of(r)["param"] == "version"

@@ -27,7 +27,7 @@ MANAGED_TRL_ARGS = frozenset({
     "epsilon", "epsilon_high", "beta", "learning_rate", "seed", "use_vllm", "scale_rewards", "reward_weights",
     "multi_objective_aggregation", "mask_truncated_completions", "shuffle_dataset", "remove_unused_columns",
     "bf16", "fp16", "use_cpu", "save_steps", "save_total_limit", "report_to", "logging_steps",
-    "gradient_checkpointing", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "top_p", "top_k", "min_p",
+    "gradient_checkpointing", "activation_checkpointing", "max_grad_norm", "lr_scheduler_type", "warmup_steps", "top_p", "top_k", "min_p",
     "repetition_penalty", "generation_kwargs", "num_generations_eval", "use_transformers_continuous_batching",
 })
 
@@ -63,8 +63,9 @@ class CoDConfig:
     """Random seed of sampling and LoRA initialisation. Default 0."""
     first_pack_seed: int = 0
     """Seed of the first training pack; later packs use the following seeds. Default 0."""
-    eval_first_pack_seed: int = 1_000_000
-    """Seed of the first held-out pack (must not overlap the training seeds). Default 1,000,000."""
+    eval_seed: int = 100
+    """Held-out packs use pack seeds ``eval_seed * 10000 + k`` (the eval harness's numbering); default 100
+    (pack seeds 1,000,000 and up), which must not overlap the training pack seeds."""
 
     # ---------------------------------------------------------------- rollouts (the runtime's own loop)
     temperature: float = 0.6
@@ -177,9 +178,11 @@ class CoDConfig:
             rows.append({"prompt": f"{env}/{self.preset}/s{seed}", "env": env, "preset": self.preset, "seed": seed})
         return rows
 
-    def eval_seeds(self) -> list[int]:
-        """Held-out pack seeds (the same for every environment)."""
-        return [self.eval_first_pack_seed + i for i in range(self.eval_packs)]
+    def eval_pack_seeds(self) -> list[int]:
+        """Held-out pack seeds (the same for every environment), as the eval harness numbers them."""
+        from lifecycle_agent.eval import PACK_SEED_STRIDE
+
+        return [self.eval_seed * PACK_SEED_STRIDE + k for k in range(self.eval_packs)]
 
     # ---------------------------------------------------------------- validation and storage
     def validate(self, world_size: int = 1) -> "CoDConfig":
@@ -206,7 +209,7 @@ class CoDConfig:
             _check_int(self, name, minimum)
         _check_int(self, "group_size", 2, "GRPO needs at least 2 rollouts per pack to form a baseline")
         _check_int(self, "pack_size", 2, "a pack needs at least 2 tasks so that an update episode has a later task to help")
-        for name in ("seed", "first_pack_seed", "eval_first_pack_seed"):
+        for name in ("seed", "first_pack_seed", "eval_seed"):
             _check_int(self, name, None)
         if self.eval_pack_size is not None:
             _check_int(self, "eval_pack_size", 1)
@@ -254,12 +257,14 @@ class CoDConfig:
                 f"group_size x packs_per_step = {self.rollouts_per_step} rollouts per step must divide evenly into "
                 f"{self.gradient_accumulation_steps} micro-batches x {world_size} process(es)",
             )
+        _check_int(self, "eval_packs", 1)
+        held_out = self.eval_pack_seeds()
         last_train_seed = self.first_pack_seed + (self.max_steps * self.packs_per_step - 1) // len(self.envs)
-        if self.first_pack_seed <= self.eval_first_pack_seed + self.eval_packs - 1 and self.eval_first_pack_seed <= last_train_seed:
+        if self.first_pack_seed <= held_out[-1] and held_out[0] <= last_train_seed:
             raise bad(
-                "eval_first_pack_seed",
-                f"held-out seeds {self.eval_first_pack_seed}..{self.eval_first_pack_seed + self.eval_packs - 1} overlap "
-                f"the training seeds {self.first_pack_seed}..{last_train_seed}; move one of the ranges",
+                "eval_seed",
+                f"held-out pack seeds {held_out[0]}..{held_out[-1]} overlap the training pack seeds "
+                f"{self.first_pack_seed}..{last_train_seed}; move one of the ranges (--eval-seed or first_pack_seed)",
             )
         return self
 

@@ -16,7 +16,8 @@ Python on nested lists; torch tensors are accepted and given back as tensors.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections import defaultdict
+from typing import Any, Hashable, Optional, Sequence
 
 #: Reward of an update episode whose reply held no usable context block (strict miss or lenient format miss).
 PARSE_FAILURE_REWARD = -0.1
@@ -174,3 +175,52 @@ def reweight_advantages(
         if high - low < 0.05:
             break
     return [a * math.exp(a / temperature) for a in values], temperature
+
+
+def batch_advantages(
+    packs: Sequence[Hashable],
+    solve_rewards: Sequence[Sequence[float]],
+    update_rewards: Sequence[Sequence[float]],
+    *,
+    solve_tokens: Optional[Sequence[Sequence[int]]] = None,
+    update_tokens: Optional[Sequence[Sequence[int]]] = None,
+    normalize_std: bool = False,
+    reweight: bool = False,
+) -> tuple[list[list[float]], list[list[float]], Optional[float]]:
+    """Advantages of a batch of rollouts of several packs: the rollouts of each pack form one group.
+
+    ``packs[k]`` identifies the pack of rollout k (rollouts of a pack may come in any order).
+    With ``reweight``, :func:`reweight_advantages` runs over every episode of the batch,
+    weighted by its completion tokens (``solve_tokens`` / ``update_tokens``, same shapes as the
+    rewards). Returns ``(solve_advantages, update_advantages, temperature or None)`` per rollout.
+    """
+    if not len(packs) == len(solve_rewards) == len(update_rewards):
+        raise ValueError(
+            f"got {len(packs)} pack ids, {len(solve_rewards)} solve reward rows and {len(update_rewards)} update "
+            "reward rows; pass one of each per rollout"
+        )
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for k, pack in enumerate(packs):
+        groups[pack].append(k)
+    solve_adv: list[list[float]] = [[] for _ in packs]
+    update_adv: list[list[float]] = [[] for _ in packs]
+    for members in groups.values():
+        adv_x, adv_z = cod_advantages(
+            [list(solve_rewards[k]) for k in members], [list(update_rewards[k]) for k in members], normalize_std
+        )
+        for k, ax, az in zip(members, adv_x, adv_z):
+            solve_adv[k], update_adv[k] = list(ax), list(az)
+    if not reweight:
+        return solve_adv, update_adv, None
+    if solve_tokens is None or update_tokens is None:
+        raise ValueError("reweighting needs the completion tokens of every episode (solve_tokens and update_tokens)")
+    flat = [a for k in range(len(packs)) for a in solve_adv[k] + update_adv[k]]
+    lengths = [n for k in range(len(packs)) for n in list(solve_tokens[k]) + list(update_tokens[k])]
+    weighted, temperature = reweight_advantages(flat, lengths)
+    cursor = 0
+    for k in range(len(packs)):
+        n_x, n_z = len(solve_adv[k]), len(update_adv[k])
+        solve_adv[k] = weighted[cursor : cursor + n_x]
+        update_adv[k] = weighted[cursor + n_x : cursor + n_x + n_z]
+        cursor += n_x + n_z
+    return solve_adv, update_adv, temperature

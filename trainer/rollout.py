@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -247,6 +248,44 @@ def training_rows(rollout: Rollout, solve_advantages: list[float], update_advant
                                 episode.kind, episode.position, rollout.pack.env)
                 )
     return rows
+
+
+def summarize(rollout: Rollout, rank: int = 0) -> dict[str, Any]:
+    """What every process needs of a rollout for group baselines and metrics (small and picklable)."""
+    return {
+        "rank": rank,
+        "pack": (rollout.pack.env, rollout.pack.preset, rollout.pack.seed),
+        "env": rollout.pack.env,
+        "solve_rewards": rollout.solve_rewards,
+        "update_rewards": rollout.update_rewards,
+        "solve_tokens": [e.completion_tokens for e in rollout.solves],
+        "update_tokens": [e.completion_tokens for e in rollout.updates],
+        "prompt_tokens": sum(len(t.prompt_ids) for e in rollout.solves + rollout.updates for t in e.turns),
+        "update_statuses": [e.status for e in rollout.updates],
+    }
+
+
+def rollout_metrics(summaries: list[dict[str, Any]]) -> dict[str, float]:
+    """One step's metrics from rollout summaries: mean solve reward by position per environment
+    (``reward/ENV/posJ``, ``reward/ENV/mean``, ``reward/mean``), the share of update episodes without a
+    delimited block (``update/parse_failure_rate``; ``update/format_miss_rate`` for lenient misses) and
+    completion / prompt tokens of the step (``tokens/completion``, ``tokens/prompt``)."""
+    metrics: dict[str, float] = {}
+    by_env: dict[str, list[list[float]]] = defaultdict(list)
+    for s in summaries:
+        by_env[s["env"]].append(s["solve_rewards"])
+    for env, rewards in by_env.items():
+        for j in range(len(rewards[0])):
+            metrics[f"reward/{env}/pos{j}"] = sum(r[j] for r in rewards) / len(rewards)
+        metrics[f"reward/{env}/mean"] = sum(map(sum, rewards)) / sum(map(len, rewards))
+    every = [x for s in summaries for x in s["solve_rewards"]]
+    metrics["reward/mean"] = sum(every) / len(every) if every else 0.0
+    statuses = [st for s in summaries for st in s["update_statuses"] if st != "missing"]
+    metrics["update/parse_failure_rate"] = sum(st != "ok" for st in statuses) / len(statuses) if statuses else 0.0
+    metrics["update/format_miss_rate"] = sum(st == "format_miss" for st in statuses) / len(statuses) if statuses else 0.0
+    metrics["tokens/completion"] = float(sum(sum(s["solve_tokens"]) + sum(s["update_tokens"]) for s in summaries))
+    metrics["tokens/prompt"] = float(sum(s["prompt_tokens"] for s in summaries))
+    return metrics
 
 
 def run_sync(coroutine):

@@ -28,7 +28,11 @@ app = typer.Typer(
 # Command modules register themselves on ``app`` when imported.
 from . import context as _context  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
+from . import envs as _envs  # noqa: E402,F401
+from . import eval as _eval  # noqa: E402,F401
+from . import ralph as _ralph  # noqa: E402,F401
 from . import serve as _serve  # noqa: E402,F401
+from . import train as _train  # noqa: E402,F401
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -16,13 +16,21 @@ import importlib
 from typing import Any, Callable
 
 from ..errors import EnvironmentSpecError
-from .base import PACKINGS, Environment, EnvTask, Pack
+from .base import PACKINGS, Environment, EnvTask, Episode, Pack, play, play_oracle
 
-__all__ = ["Environment", "EnvTask", "Pack", "PACKINGS", "make", "register", "names", "describe"]
+__all__ = [
+    "Environment", "EnvTask", "Pack", "PACKINGS", "Episode", "make", "register", "unregister", "names", "describe",
+    "factory_for", "play", "play_oracle",
+]
 
 #: Built-in environments, imported on first use: name -> "module:class".
 _BUILTINS: dict[str, str] = {
     "fact-recall": "lifecycle_agent.envs.fact_recall:FactRecall",
+    "frozen-lake-obscure": "lifecycle_agent.envs.frozen_lake:FrozenLakeObscure",
+    "grid-navigation": "lifecycle_agent.envs.grid_navigation:GridNavigation",
+    "optimal-control": "lifecycle_agent.envs.optimal_control:OptimalControl",
+    "alchemy": "lifecycle_agent.envs.alchemy:Alchemy",
+    "terminal": "lifecycle_agent.envs.terminal:Terminal",
 }
 _REGISTERED: dict[str, Callable[..., Environment]] = {}
 
@@ -36,6 +44,13 @@ def register(name: str, factory: Callable[..., Environment], *, overwrite: bool 
     if not overwrite and (name in _REGISTERED or name in _BUILTINS):
         raise EnvironmentSpecError(f"environment {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTERED[name] = factory
+
+
+def unregister(name: str) -> None:
+    """Remove an environment added with :func:`register` (built-ins cannot be removed)."""
+    if name not in _REGISTERED:
+        raise EnvironmentSpecError(f"environment {name!r} was not added with register(); registered: {', '.join(sorted(_REGISTERED)) or '(none)'}")
+    del _REGISTERED[name]
 
 
 def names() -> list[str]:
@@ -81,17 +96,27 @@ def make(name: str, preset: str = "train", **options: Any) -> Environment:
 
 
 def describe() -> list[dict[str, Any]]:
-    """Name, description, presets and options of every known environment."""
+    """Name, description, presets (with their full option values) and default options of every known environment.
+
+    A registered factory that is not an :class:`Environment` class is described by its
+    docstring; its presets are unknown until it is called.
+    """
     rows = []
     for name in names():
         factory = factory_for(name)
-        cls = factory if isinstance(factory, type) else None
+        cls = factory if isinstance(factory, type) and issubclass(factory, Environment) else None
+        if cls is None:
+            doc = (factory.__doc__ or "").strip().split("\n")[0]
+            rows.append({"name": name, "description": doc, "presets": [], "preset_options": {}, "options": {}})
+            continue
+        presets = {preset: {**cls.defaults, **values} for preset, values in cls.presets.items()}
         rows.append(
             {
                 "name": name,
-                "description": getattr(cls, "description", "") if cls else (factory.__doc__ or "").strip().split("\n")[0],
-                "presets": list(getattr(cls, "presets", {})) if cls else [],
-                "options": dict(getattr(cls, "defaults", {})) if cls else {},
+                "description": cls.description,
+                "presets": list(cls.presets),
+                "preset_options": presets,
+                "options": dict(cls.defaults),
             }
         )
     return rows

@@ -62,10 +62,10 @@ class FactRecall(Environment):
 
     def __init__(self, preset: str = "train", **options: Any):
         super().__init__(preset, **options)
-        if not 1 <= int(self.options["items"]) <= len(ITEMS):
-            raise EnvironmentSpecError(f"fact-recall: items must be between 1 and {len(ITEMS)}, got {self.options['items']}")
-        if not 1 <= int(self.options["digits"]) <= 9:
-            raise EnvironmentSpecError(f"fact-recall: digits must be between 1 and 9, got {self.options['digits']}")
+        items = self._int_option("items", 1, len(ITEMS))
+        digits = self._int_option("digits", 1, 9)
+        if items > 10**digits - (10 ** (digits - 1) if digits > 1 else 0):
+            raise EnvironmentSpecError(f"fact-recall: {items} items cannot have distinct {digits}-digit codes; raise digits")
 
     def instructions(self) -> str:
         return "Every item has a secret code that stays the same for the whole series of tasks."

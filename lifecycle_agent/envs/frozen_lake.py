@@ -26,7 +26,7 @@ CODES = ("1", "2", "3", "4")
 
 _POSITION_MENTION = re.compile(r"\b(?:row|column|col|r|c)\s*\d+|\(\s*\d+\s*,\s*\d+\s*\)", re.IGNORECASE)
 _ACTION_WORD = re.compile(r"\b(?:action|code|press(?:ing)?|choose|pick|take|try|use)\s*(?:code)?\s*[:=#]?\s*([1-4])\b", re.IGNORECASE)
-_CODE = re.compile(r"(?<![\d.])([1-4])(?![\d.])")
+_CODE = re.compile(r"(?<![\d.])([1-4])(?!\d|\.\d)")
 
 
 def parse_code(reply: str) -> Optional[str]:

@@ -23,7 +23,7 @@ from .parsing import labelled, shorten
 
 _ROW_COL = re.compile(r"\brow\s*(\d+)\D{0,16}?\bcol(?:umn)?\s*(\d+)", re.IGNORECASE)
 _PAIR = re.compile(r"\(?\s*(\d+)\s*[,;]\s*(\d+)\s*\)?")
-_DIRECTION = re.compile(r"\b(up|down|left|right|north|south|west|east)\b\D{0,12}?(\d+)?", re.IGNORECASE)
+_DIRECTION = re.compile(r"\b(up|down|left|right|north|south|west|east)\b(?:\D{0,12}?(\d+))?", re.IGNORECASE)
 _TWO_INTS = re.compile(r"^\D*(\d+)\s+(\d+)\D*$")
 _DELTAS = {"up": (-1, 0), "north": (-1, 0), "down": (1, 0), "south": (1, 0), "left": (0, -1), "west": (0, -1), "right": (0, 1), "east": (0, 1)}
 
@@ -268,7 +268,7 @@ class GridNavigation(Environment):
     defaults: dict[str, Any] = {"size": 6, "rounds": 4, "cheap_lanes": 2, "reveal_across_pack": True}
     presets = {
         "train": {},
-        "easy": {"size": 5, "rounds": 4, "cheap_lanes": 2},
+        "easy": {"size": 5, "rounds": 5},
         "hard": {"size": 8, "rounds": 3, "cheap_lanes": 1},
     }
 

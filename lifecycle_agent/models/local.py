@@ -295,7 +295,8 @@ class _Engine:
         self.context_limit = _context_limit(model)
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
         self._generate_lock = threading.Lock()  # one generate() at a time, even across a worker restart
-        self._lock = threading.Lock()
+        # re-entrant: a dropped view's finalizer (release) may run from GC while this thread holds it
+        self._lock = threading.RLock()
         self._queue: Optional[queue.SimpleQueue] = None
         self._worker: Optional[threading.Thread] = None
         self._views = 0

@@ -211,6 +211,9 @@ def ensure_smollm2_cache(cache_dir: Union[str, Path, None] = None) -> Path:
     with _interprocess_lock(target.parent):
         if _cache_is_valid(target, source):  # another process finished while we waited
             return target
+        for leftover in target.parent.glob(f".{CACHE_SUBDIR}.*-*"):  # from a killed conversion (we hold the lock)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
         model, tokenizer = _load_gguf(source)
         _strip_quantization(model)
         tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=target.parent))

@@ -221,7 +221,11 @@ class IterationTask(InteractiveTask):
 
     def _saw(self, action: str) -> None:
         marker = self.config.completion_marker
-        if marker and marker in action:
+        if not marker:
+            return
+        # An agent command that echoes its prompt repeats the instruction naming the marker: not a claim.
+        told = prompts.MARKER_LINE.format(marker=marker).strip()
+        if marker in action.replace(told, ""):
             self.marker_seen = True
 
     def step(self, action: str) -> StepResult:

@@ -290,6 +290,9 @@ class _Loop:
     def run(self) -> LoopResult:
         self._prepare()
         with _lock(self.repo.root / STATE_DIR / f"ralph-{self.config.agent_id}.lock"):
+            state = read_state(self.state_file)
+            if state is None:
+                self._refuse_dirty()
             with Store(self.db_path) as store:
                 spent = sum(
                     (row.prompt_tokens or 0) + (row.completion_tokens or 0)
@@ -299,7 +302,10 @@ class _Loop:
                 self.run_id = uuid.uuid4().hex[:12]
                 store.start_run(self.run_id, self.config.agent_id, source="ralph", options=self.config.model_dump(mode="json"))
                 try:
-                    result = self._run()
+                    result = self._run(state)
+                except RalphError:
+                    store.finish_run(self.run_id, "error", 0, 0)
+                    raise
                 except BaseException:
                     store.finish_run(self.run_id, "interrupted", 0, 0)
                     raise
@@ -309,23 +315,21 @@ class _Loop:
                 store.finish_run(self.run_id, result.stop_reason, 0, 0)
                 return result
 
-    def _run(self) -> LoopResult:
+    def _refuse_dirty(self) -> None:
+        dirty = [p for p in self.repo.dirty_paths() if p != self.config.notes_file]
+        if dirty and not self.config.allow_dirty:
+            shown = ", ".join(dirty[:8]) + (f" and {len(dirty) - 8} more" if len(dirty) > 8 else "")
+            raise RalphError(
+                f"{self.repo.root} has uncommitted changes ({shown}); commit or stash them, "
+                "or pass --allow-dirty to let the first iteration commit them"
+            )
+
+    def _run(self, state: Optional[dict]) -> LoopResult:
         config = self.config
         self.iterations_run = 0
         self.resumed: Optional[int] = None
         self._last_error = ""
-        state = read_state(self.state_file)
-        stop: Optional[tuple[str, str]] = None
-        if state is not None:
-            stop = self._resume(state)
-        else:
-            dirty = [p for p in self.repo.dirty_paths() if p != config.notes_file]
-            if dirty and not config.allow_dirty:
-                shown = ", ".join(dirty[:8]) + (f" and {len(dirty) - 8} more" if len(dirty) > 8 else "")
-                raise RalphError(
-                    f"{self.repo.root} has uncommitted changes ({shown}); commit or stash them, "
-                    "or pass --allow-dirty to let the first iteration commit them"
-                )
+        stop = self._resume(state) if state is not None else None
         previous: Optional[CheckSummary] = None
         if stop is None:
             stop = self._limits_before_start()

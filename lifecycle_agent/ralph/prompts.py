@@ -74,10 +74,11 @@ MODEL_NOTES_LINE = "\nAfter you exit, your notes are rewritten from your output 
 MARKER_LINE = "\nOnly when the whole task is finished and the check passes, write {marker} in your reply."
 
 #: The first message of an iteration. Fields: prompt, iteration, max_iterations, check_section.
+#: Its headings are level 3, so they never read as sections of the update prompt that quotes it.
 OBSERVATION = (
-    "## Task\n{prompt}\n\n"
-    "## Iteration\nIteration {iteration} of at most {max_iterations}.\n\n"
-    "## Latest check\n{check_section}"
+    "### Task\n{prompt}\n\n"
+    "### Iteration\nIteration {iteration} of at most {max_iterations}.\n\n"
+    "### Latest check\n{check_section}"
 )
 #: Fields: when, command, verdict, output.
 CHECK_SECTION = "{when}, `{command}` {verdict}. Its output:\n{output}"

@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import time
@@ -25,10 +24,6 @@ KILL_GRACE_S = 2.0
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _DURATION = re.compile(r"\b\d+(?:\.\d+)?\s*(?:s|ms|sec|secs|seconds)\b")
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
-_SHELL_WORDS = {
-    "cd", "exec", "export", "set", "source", ".", "test", "[", "true", "false", "exit", "if", "for", "while",
-    "case", "time", "env", "command", "eval", "!", "{", "(",
-}
 
 
 @dataclass(frozen=True)
@@ -84,10 +79,10 @@ def fingerprint(result: CommandResult) -> str:
 
 
 def missing_program(command: str, cwd: Path) -> Optional[str]:
-    """The program a command starts, when it cannot be found; ``None`` when found or not knowable.
+    """The program a command starts, when the shell cannot find it; ``None`` when found or not knowable.
 
-    Only a plain first word is checked (after ``VAR=value`` assignments); shell syntax
-    and builtins are left to the shell.
+    Only a plain first word is checked (after ``VAR=value`` assignments), with the shell's
+    own ``command -v``, so builtins, functions and PATH lookups count as found.
     """
     try:
         words = shlex.split(command)
@@ -95,16 +90,13 @@ def missing_program(command: str, cwd: Path) -> Optional[str]:
         return None
     while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
         words = words[1:]
-    if not words:
+    if not words or any(c in words[0] for c in "$`(){};|&<>*?!"):
         return None
-    first = words[0]
-    if first in _SHELL_WORDS or any(c in first for c in "$`(){};|&<>*?"):
-        return None
-    if "/" in first:
-        path = Path(first).expanduser()
-        path = path if path.is_absolute() else cwd / path
-        return None if path.exists() else first
-    return None if shutil.which(first) else first
+    probe = subprocess.run(
+        ["/bin/sh", "-c", 'command -v -- "$1"', "sh", words[0]],
+        cwd=str(cwd), stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )
+    return None if probe.returncode == 0 else words[0]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

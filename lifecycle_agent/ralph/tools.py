@@ -120,6 +120,7 @@ _ARG_ALIASES = {
     "cmd": "command", "query": "pattern", "regexp": "pattern",
     "start_line": "start", "end_line": "end", "line_start": "start", "line_end": "end",
 }
+_KIND_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 _NAME_KEYS = ("tool", "name", "action", "function", "tool_name")
 _ARGS_KEYS = ("args", "arguments", "parameters", "params", "input")
 
@@ -193,7 +194,7 @@ def _coerce(spec: ToolSpec, args: dict) -> dict:
             else:
                 value = param.kind(value)
         except (TypeError, ValueError):
-            raise ToolError(f"{spec.name}: {param.name!r} must be a {param.kind.__name__}, got {value!r}") from None
+            raise ToolError(f"{spec.name}: {param.name!r} must be {_KIND_WORDS[param.kind]}, got {value!r}") from None
         out[param.name] = value
     return out
 

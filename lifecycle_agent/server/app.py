@@ -36,7 +36,7 @@ from ..models.base import ChatModel
 from ..protocol import apply_budget
 from ..store import AgentInfo, ContextVersion, EpisodeRow, Store, check_agent_id
 from . import schemas as s
-from .auth import LOCAL_TENANT, KeyRing, Tenant, is_loopback
+from .auth import LOCAL_TENANT, MAX_PUBLIC_ID_CHARS, KeyRing, Tenant, is_loopback
 from .middleware import RequestGuard
 from .service import AgentService, ModelTimeoutError
 
@@ -49,9 +49,7 @@ DEFAULT_MODEL_TIMEOUT_S = 120.0
 #: Default time shutdown waits for running episodes, seconds.
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 
-AGENT_ID_PATH = Path(
-    min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_:@-][A-Za-z0-9_.:@-]*$", description="The agent id.",
-)
+AGENT_ID_PATH = Path(min_length=1, max_length=MAX_PUBLIC_ID_CHARS, pattern=s.AGENT_ID_PATTERN, description="The agent id.")
 AgentIdPath = Annotated[str, AGENT_ID_PATH]
 
 
@@ -158,7 +156,9 @@ def create_app(
     app.state.keyring = keyring
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)
     _install_error_handlers(app)
-    app.include_router(_routes(service, keyring))
+    router = _routes(service, keyring)
+    app.state.api_routes = router.routes
+    app.include_router(router)
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -177,10 +177,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        type_ = {404: "not_found_error", 413: "request_too_large"}.get(exc.status_code, "invalid_request_error")
-        message = {404: f"no route {request.url.path}; see /docs", 405: f"method {request.method} is not allowed on {request.url.path}"}
-        return ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), type_,
-                        headers=getattr(exc, "headers", None)).response()
+        path, headers = request.url.path, getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path; list every method served there
+            allowed = sorted({m for r in request.app.state.api_routes if r.path_regex.match(path) for m in r.methods})
+            headers = {"allow": ", ".join(allowed)}
+            return ApiError(405, f"method {request.method} is not allowed on {path}; allowed: {', '.join(allowed)}",
+                            "invalid_request_error", headers=headers).response()
+        if exc.status_code == 404:
+            return ApiError(404, f"no route {path}; see /docs", "not_found_error").response()
+        type_ = "request_too_large" if exc.status_code == 413 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), type_, headers=headers).response()
 
     @app.exception_handler(StoreLockedError)
     async def locked(request: Request, exc: StoreLockedError):
@@ -270,6 +277,30 @@ async def tenant_of(
 
 TenantDep = Annotated[Tenant, Depends(tenant_of)]
 
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Any) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def known_query_only(request: Request) -> None:
+    """Refuse unknown query parameters (a typo such as ``?limt=5`` must not be silently ignored)."""
+    if not request.query_params:
+        return
+    route = request.scope["route"]
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        names = _QUERY_NAMES[id(route)] = frozenset(_query_names(route.dependant))
+    unknown = sorted(set(request.query_params) - names)
+    if unknown:
+        takes = f"it takes: {', '.join(sorted(names))}" if names else "it takes none"
+        raise _bad(f"unknown query parameter {', '.join(map(repr, unknown))} for {request.url.path}; {takes}",
+                   unknown[0])
+
 
 # ---------------------------------------------------------------------------------------- views
 
@@ -337,7 +368,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         except AgentNotFoundError:
             return None
 
-    router = APIRouter(responses=_ERRORS)
+    router = APIRouter(responses=_ERRORS, dependencies=[Depends(known_query_only)])
 
     # ------------------------------------------------------------------ operational
     @router.get("/healthz", response_model=s.HealthResponse, tags=["operations"], responses={})
@@ -446,7 +477,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
                            context_version=head_version(sid)) from None
         except (KeyError, AgentNotFoundError):
             raise _no_agent(agent_id) from None
-        head = head_version(sid)
+        if record.update_status in ("error", "conflict"):
+            head = head_version(sid)
         if record.update_status == "error":
             what = "timed out" if policy.timed_out else "failed"
             message = (f"the feedback was recorded, but the update episode {what} ({record.error}); the context "
@@ -457,9 +489,9 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             raise ApiError(409, f"the context of agent {agent_id!r} changed while the update ran (another server "
                                 f"process writes to this database); the feedback was recorded, the update was not",
                            "conflict_error", code="context_conflict", context_version=head)
-        return {**_context_view(tenant, version), "completion_id": body.completion_id,
-                "update_status": record.update_status, "update_episode_id": record.update_episode_id,
-                "changed": record.new_context_version is not None}
+        return JSONResponse({**_context_view(tenant, version), "completion_id": body.completion_id,
+                             "update_status": record.update_status, "update_episode_id": record.update_episode_id,
+                             "changed": record.new_context_version is not None})
 
     # ------------------------------------------------------------------ agents
     @router.post("/v1/agents", response_model=s.AgentResponse, status_code=201, tags=["agents"],
@@ -485,11 +517,11 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         infos = store.list_agents(owner=tenant.owner) if tenant.owner else store.list_agents()
         return {"object": "list", "data": [_agent_view(tenant, i) for i in infos if tenant.public_id(i.agent_id)]}
 
-    @router.post("/v1/agents/import", response_model=s.AgentResponse, status_code=201, tags=["agents"],
+    @router.post("/v1/imports", response_model=s.AgentResponse, status_code=201, tags=["agents"],
                  responses={**_BODY_ERRORS, **_CONFLICT})
     async def import_agent(
         request: Request, tenant: TenantDep, body: s.ExportDocument,
-        agent_id: Annotated[Optional[str], Query(min_length=1, max_length=128,
+        agent_id: Annotated[Optional[str], Query(min_length=1, max_length=MAX_PUBLIC_ID_CHARS, pattern=s.AGENT_ID_PATTERN,
                                                  description="Id for the new agent (default: the export's id).")] = None,
     ):
         """Create an agent from an export document (every context version kept)."""
@@ -544,7 +576,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
 
     @router.get("/v1/agents/{agent_id}/export", response_model=s.ExportDocument, tags=["agents"])
     async def export_agent(request: Request, tenant: TenantDep, agent_id: AgentIdPath):
-        """Settings and every context version (the body ``POST /v1/agents/import`` takes)."""
+        """Settings and every context version (the body ``POST /v1/imports`` takes)."""
         sid, _ = owned(request, tenant, agent_id)
         data = store.export_agent(sid)
         data["agent_id"] = agent_id
@@ -558,7 +590,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     ):
         sid, _ = owned(request, tenant, agent_id)
         ctx = store.head(sid) if version is None else version_or_404(sid, agent_id, version)
-        return _context_view(tenant, ctx)
+        return JSONResponse(_context_view(tenant, ctx))  # hot path: built from a validated row, sent as is
 
     @router.put("/v1/agents/{agent_id}/context", response_model=s.ContextResponse, tags=["contexts"],
                 responses=_BODY_ERRORS)

@@ -26,6 +26,8 @@ API_KEYS_ENV = "LIFECYCLE_AGENT_API_KEYS"
 #: Shortest API key accepted, characters.
 MIN_KEY_CHARS = 16
 _TAG_HEX = 12
+#: Longest agent id over HTTP, characters: the store's limit less a tenant prefix (``<12 hex>:``).
+MAX_PUBLIC_ID_CHARS = MAX_AGENT_ID_CHARS - _TAG_HEX - 1
 
 
 def hash_key(key: str) -> str:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from ..agent import AgentSettings
 from ..prompts import CONTEXT_BEGIN, CONTEXT_END, PROMPT_SETS
+from .auth import MAX_PUBLIC_ID_CHARS
 
 #: Longest single text field accepted (characters); the body-size limit applies as well.
 MAX_TEXT_CHARS = 200_000
@@ -38,20 +39,37 @@ def known_prompt_set(prompt_set: str) -> str:
     return prompt_set
 
 
+AGENT_ID_PATTERN = r"^[A-Za-z0-9_:@-][A-Za-z0-9_.:@-]*$"
+def _integral(value: Any) -> Any:
+    """JSON integers: ``3`` and ``3.0`` are the same number; ``true`` and ``"3"`` are not numbers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer field of a request (strict, but ``3.0`` counts as ``3``, as JSON Schema says)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 SafeText = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(no_delimiters)]
 AgentIdField = Annotated[
     str,
     Field(
-        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_:@-][A-Za-z0-9_.:@-]*$",
-        description="1-128 letters, digits and - _ . : @ (not starting with '.').",
+        min_length=1, max_length=MAX_PUBLIC_ID_CHARS, pattern=AGENT_ID_PATTERN,
+        description=f"1-{MAX_PUBLIC_ID_CHARS} letters, digits and - _ . : @ (not starting with '.').",
         examples=["support-bot"],
     ),
+]
+# the enum is read when the OpenAPI document is built, so prompt sets registered by then are listed
+PromptSetId = Annotated[
+    str, AfterValidator(known_prompt_set), Field(json_schema_extra=lambda schema: schema.update(enum=sorted(PROMPT_SETS)))
 ]
 Reward = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies of the agents API: unknown fields refused, no type coercion (``false`` is no ``0``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -79,10 +97,10 @@ class CreateAgentRequest(_Strict):
     """A new agent. Settings left out take the defaults (see ``AgentSettings``)."""
 
     agent_id: AgentIdField
-    context_budget: Optional[int] = Field(default=None, ge=1, le=100_000, description="Maximum context length, characters.")
+    context_budget: Optional[json_int(ge=1, le=100_000)] = Field(default=None, description="Maximum context length, characters.")
     budget_policy: Optional[Literal["truncate", "reject"]] = None
     parse_policy: Optional[Literal["strict", "lenient"]] = None
-    prompt_set: Optional[Annotated[str, AfterValidator(known_prompt_set)]] = None
+    prompt_set: Optional[PromptSetId] = Field(default=None, description="Prompt-set id.")
     context: Optional[SafeText] = Field(default=None, description="Initial context (version 0); empty when left out.")
 
 
@@ -109,33 +127,33 @@ class DeletedResponse(BaseModel):
 
 class ForkRequest(_Strict):
     agent_id: AgentIdField = Field(description="Id of the new agent.")
-    version: Optional[int] = Field(default=None, ge=0, description="Version to fork at (default: current).")
+    version: Optional[json_int(ge=0)] = Field(default=None, description="Version to fork at (default: current).")
 
 
 class ExportVersion(BaseModel):
     """One context version of an export document."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    version: int = Field(ge=0)
+    version: json_int(ge=0)
     text: SafeText
     created_at: Optional[float] = None
-    parent_version: Optional[int] = None
+    parent_version: Optional[json_int()] = None
     source: Optional[str] = None
     note: Optional[str] = None
 
 
 class ExportDocument(BaseModel):
-    """An agent's settings and every context version (``GET .../export``; the body of ``POST /v1/agents/import``)."""
+    """An agent's settings and every context version (``GET .../export``; the body of ``POST /v1/imports``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     format: Literal["lifecycle-agent/agent-export"]
     format_version: Literal[1]
     agent_id: Optional[AgentIdField] = None
     settings: dict[str, Any] = Field(default_factory=dict)
-    head_version: Optional[int] = None
-    versions: list[ExportVersion] = Field(min_length=1)
+    head_version: Optional[json_int()] = None
+    versions: list[ExportVersion] = Field(min_length=1, description="Oldest first; entry i must have version i.")
 
 
 # ---------------------------------------------------------------------------------------- contexts
@@ -160,7 +178,7 @@ class SetContextRequest(_Strict):
 
 
 class RollbackRequest(_Strict):
-    version: int = Field(ge=0, description="Version to make current again (appended as a new version).")
+    version: json_int(ge=0) = Field(description="Version to make current again (appended as a new version).")
 
 
 class HistoryPage(BaseModel):
@@ -251,14 +269,14 @@ class ModelList(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: Literal["text"]
     text: SafeText
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[SafeText, list[TextPart], None] = None
@@ -266,7 +284,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     include_usage: Optional[StrictBool] = None
 
@@ -274,15 +292,15 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """OpenAI chat completion request; ``model`` is the agent id. Unused OpenAI fields are ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: AgentIdField = Field(description="The agent id.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=65_536)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=65_536)
+    max_tokens: Optional[json_int(ge=1, le=65_536)] = None
+    max_completion_tokens: Optional[json_int(ge=1, le=65_536)] = None
     n: Optional[Literal[1]] = Field(default=None, description="Only one choice per request is supported.")
     tools: Optional[list[dict[str, Any]]] = Field(default=None, max_length=0, description="Tools are not supported.")
 

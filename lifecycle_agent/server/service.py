@@ -25,6 +25,7 @@ from ..models.base import ChatModel, Generation
 from ..store import ContextVersion, EpisodeRow, Store
 
 T = TypeVar("T")
+_timeout = getattr(asyncio, "timeout", None)
 
 
 class ModelTimeoutError(ModelCallError):
@@ -58,7 +59,10 @@ class CallPolicy(ChatModel):
             max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else max_new_tokens,
         )
         try:
-            return await asyncio.wait_for(call, self.timeout_s)
+            if _timeout is None:  # Python 3.10
+                return await asyncio.wait_for(call, self.timeout_s)
+            async with _timeout(self.timeout_s):  # no extra task per call, unlike wait_for
+                return await call
         except asyncio.TimeoutError:
             self.timed_out = True
             raise ModelTimeoutError(f"the model did not answer within {self.timeout_s:g} s") from None

@@ -1,0 +1,192 @@
+"""Load benchmark of ``lifecycle-agent serve`` on loopback with a zero-latency scripted model.
+
+Starts the real server (the CLI, in its own process, with an API key and request logs on),
+creates a few agents, then drives it from this process with aiohttp clients (keep-alive
+connections, one per client). aiohttp rather than httpx: at 32 connections the httpx async
+client spends about 3 ms of CPU per request itself, more than the server, so it measured
+the client; aiohttp spends about 0.15 ms.
+
+- ``context``: ``GET /v1/agents/{id}/context`` in a loop;
+- ``pair``: ``POST /v1/chat/completions`` then ``POST /v1/agents/{id}/feedback`` for that
+  completion (a solve episode and an update episode, each stored), in a loop.
+
+at 1, 8 and 32 concurrent clients (client ``i`` uses agent ``i % agents``). Prints requests
+(or pairs) per second, p50 and p99 latency and errors, and writes
+``benchmarks/results/serve_load.json``.
+
+    python benchmarks/serve_load.py [--duration 8] [--clients 1,8,32] [--agents 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+KEY = "bench-key-0123456789abcdef"
+TARGETS = {"context_rps_at_32": 500.0, "pairs_per_s_at_32": 150.0, "p99_ms_at_32": 250.0}
+RESULT = Path(__file__).parent / "results" / "serve_load.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: str, port: int, log_file) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from lifecycle_agent.cli import main; main()", "serve", "--db", db,
+               "--model", "scripted", "--port", str(port), "--api-key", KEY]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}; see {log_file.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the server did not answer /healthz within 60 s")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def run_cell(url: str, workload: str, clients: int, agents: int, duration: float) -> dict:
+    """One workload at one concurrency: ``clients`` loops for ``duration`` seconds."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(url, headers={"authorization": f"Bearer {KEY}"}, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as http:
+
+        async def one_pair(agent: str) -> None:
+            async with http.post("/v1/chat/completions", json={
+                    "model": agent, "messages": [{"role": "user", "content": "What is the secret code of the apple?"}]}) as r:
+                body = await r.json()
+                if r.status != 200:
+                    errors.append(f"chat {r.status}: {body}")
+                    return
+            async with http.post(f"/v1/agents/{agent}/feedback", json={
+                    "completion_id": body["id"], "reward": 0.0, "feedback": "The code of the apple is 42."}) as r:
+                await r.read()
+                if r.status != 200:
+                    errors.append(f"feedback {r.status}: {(await r.text())[:200]}")
+
+        async def one_read(agent: str) -> None:
+            async with http.get(f"/v1/agents/{agent}/context") as r:
+                await r.read()
+                if r.status != 200:
+                    errors.append(f"context {r.status}: {(await r.text())[:200]}")
+
+        step = one_pair if workload == "pair" else one_read
+
+        async def client(i: int, until: float) -> None:
+            agent = f"agent-{i % agents}"
+            while time.perf_counter() < until:
+                started = time.perf_counter()
+                try:
+                    await step(agent)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                latencies.append(time.perf_counter() - started)
+
+        warm_until = time.perf_counter() + min(1.0, duration / 4)
+        await asyncio.gather(*(client(i, warm_until) for i in range(clients)))
+        latencies.clear()
+        errors.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, started + duration) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    return {
+        "workload": workload, "clients": clients, "count": len(latencies),
+        "per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
+        "errors": len(errors), "first_errors": errors[:3],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="Seconds measured per workload and concurrency.")
+    parser.add_argument("--clients", default="1,8,32", help="Comma-separated concurrency levels.")
+    parser.add_argument("--agents", type=int, default=8, help="Agents the clients spread over.")
+    parser.add_argument("--out", type=Path, default=RESULT, help="Where to write the JSON result.")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "bench.db")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with open(os.path.join(tmp, "server.log"), "w+") as log_file:
+            server = start_server(db, port, log_file)
+            try:
+                with httpx.Client(base_url=url, headers={"authorization": f"Bearer {KEY}"}) as h:
+                    for i in range(args.agents):
+                        h.post("/v1/agents", json={"agent_id": f"agent-{i}"}).raise_for_status()
+                results = []
+                for workload in ("context", "pair"):
+                    for clients in levels:
+                        cell = asyncio.run(run_cell(url, workload, clients, args.agents, args.duration))
+                        results.append(cell)
+                        unit = "pairs/s" if workload == "pair" else "reads/s"
+                        print(f"{workload:8s} clients={clients:3d}  {cell['per_s']:8.1f} {unit}  "
+                              f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  errors {cell['errors']}",
+                              flush=True)
+                with httpx.Client(base_url=url, headers={"authorization": f"Bearer {KEY}"}) as h:
+                    versions = sum(h.get(f"/v1/agents/agent-{i}").json()["context_version"] for i in range(args.agents))
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(60)
+            log_file.seek(0)
+            logged = sum(1 for line in log_file if '"lifecycle_agent.server.access"' in line)
+
+    top = max(levels)
+    ctx = next(r for r in results if r["workload"] == "context" and r["clients"] == top)
+    pair = next(r for r in results if r["workload"] == "pair" and r["clients"] == top)
+    met = {
+        "context_rps": ctx["per_s"] >= TARGETS["context_rps_at_32"],
+        "pairs_per_s": pair["per_s"] >= TARGETS["pairs_per_s_at_32"],
+        "p99": max(ctx["p99_ms"], pair["p99_ms"]) < TARGETS["p99_ms_at_32"],
+        "zero_errors": all(r["errors"] == 0 for r in results),
+    }
+    report = {
+        "benchmark": "serve_load",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "setup": {"model": "scripted (zero latency)", "agents": args.agents, "duration_s": args.duration,
+                  "transport": "loopback HTTP/1.1 keep-alive, aiohttp clients in a separate process from the server",
+                  "server": "lifecycle-agent serve (uvicorn), one API key, JSON request logs on"},
+        "results": results,
+        "context_versions_written": versions,
+        "requests_logged": logged,
+        "targets_at_32_clients": TARGETS,
+        "met": met,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"targets at {top} clients: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

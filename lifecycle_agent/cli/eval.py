@@ -1,0 +1,112 @@
+"""``lifecycle-agent eval``: learning curves (reward by position) for context modes on the same packs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..eval import MODES, EvalError, EvalProgress, check_settings, evaluate, parse_names, table_rows
+from . import app
+from .common import API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, console, err_console, load_model, print_json
+
+
+def parse_options(items: list[str], env_names: list[str]) -> dict[str, dict[str, Any]]:
+    """``--option KEY=VALUE`` (VALUE read as JSON, else as text) for every environment."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise EvalError(f"--option {item!r}: expected KEY=VALUE, e.g. --option size=5")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options[key.strip()] = value
+    return {name: dict(options) for name in env_names} if options else {}
+
+
+def report_tables(report: dict[str, Any]) -> list[Table]:
+    """One rich table per environment (the same cells as report.md)."""
+    tables = []
+    for env in report["environments"]:
+        header, rows = table_rows(report, env)
+        table = Table(title=f"{env} · {report['model']['id']} · preset {report['settings']['preset']}")
+        for column in header:
+            table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
+@app.command("eval")
+def eval_command(
+    env: str = typer.Option(..., "--env", "-e", help="Environment name(s), comma-separated; package.module:factory works."),
+    model: str = MODEL_OPTION,
+    base_url: Optional[str] = BASE_URL_OPTION,
+    api_key: Optional[str] = API_KEY_OPTION,
+    packs: int = typer.Option(4, "--packs", help="Packs per seed and environment."),
+    pack_size: int = typer.Option(4, "--pack-size", "-S", help="Tasks per pack (positions 0..S-1)."),
+    preset: str = typer.Option("train", "--preset", help="Environment preset: train, easy or hard."),
+    seeds: str = typer.Option("1", "--seeds", help="Seeds, e.g. 1,2,3 or 1-5."),
+    modes: str = typer.Option(",".join(MODES), "--modes", help="Modes to run, from: " + ", ".join(MODES) + "."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for eval.db, report.json, report.md, curve.png (rerun to resume)."),
+    concurrency: int = typer.Option(4, "--concurrency", "-c", help="Packs run at the same time over one shared model."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (default: the model's)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens per model call (default: the model's)."),
+    context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Context budget, characters."),
+    parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict."),
+    option: list[str] = typer.Option([], "--option", help="Environment option KEY=VALUE for every --env (repeatable)."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write curve.png."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Mean reward by position for live / frozen / none context and Ralph packing, with 95% intervals."""
+    if parse_policy is not None and parse_policy not in ("lenient", "strict"):
+        raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
+    env_names = parse_names(env)
+    env_options = parse_options(option, env_names)
+    check_settings(
+        env_names, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
+        parse_policy=parse_policy, env_options=env_options,
+    )
+    if not as_json:
+        err_console.print(f"loading model {model} ...")
+    chat_model = load_model(model, base_url, api_key)
+    progress = Progress(
+        TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"), console=err_console, transient=True, disable=as_json,
+    )
+    bar = progress.add_task("eval", total=None, status="")
+
+    def on_progress(event: EvalProgress) -> None:
+        reward = "" if event.record is None or event.record.reward is None else f" reward {event.record.reward:.2f}"
+        progress.update(bar, completed=event.done, total=event.total, status=f"{event.env} {event.mode}{reward}")
+
+    try:
+        with progress:
+            report = evaluate(
+                env_names, chat_model, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes,
+                out=out, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
+                context_budget=context_budget, parse_policy=parse_policy, env_options=env_options,
+                on_progress=on_progress, plot=plot,
+            )
+    finally:
+        chat_model.close()
+    if as_json:
+        print_json(report)
+        return
+    width = 12 * report["settings"]["pack_size"] + 60
+    # a pipe or a narrow terminal would truncate cells: print the tables at the width they need
+    table_console = console if console.width >= width else Console(width=width, highlight=False)
+    for table in report_tables(report):
+        table_console.print(table)
+    for error in report["errors"]:
+        err_console.print(f"[red]pack error:[/] {error['env']} {error['mode']} seed {error['seed']} pack {error['pack']}: {error['error']}", highlight=False)
+    written = ["report.json", "report.md"] + (["curve.png"] if plot else [])
+    console.print(f"wrote {', '.join(str(out / name) for name in written)} ({report['timing']['wall_seconds']:.1f} s)")

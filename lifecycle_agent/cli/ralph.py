@@ -1,0 +1,226 @@
+"""``lifecycle-agent ralph``: run a coding agent in a loop on a repository; ``ralph status`` shows the loop."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.panel import Panel
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..ralph import DEFAULT_MARKER, IterationInfo, LoopEvent, LoopResult, LoopStatus, loop_status, run_loop
+from ..ralph.config import DEFAULT_AGENT_ID
+from . import app
+from .common import API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, console, err_console, load_model, print_json
+
+ralph_app = typer.Typer(
+    short_help="Run a coding agent in a loop on a git repository until a check passes; `ralph status` shows it.",
+    help=(
+        "Run a coding agent again and again on a git repository until a check passes; only its notes carry over. "
+        "`lifecycle-agent ralph --repo DIR --check CMD ...` runs the loop (rerun to resume); "
+        "`lifecycle-agent ralph status --repo DIR` shows it."
+    ),
+)
+app.add_typer(ralph_app, name="ralph")
+
+REPO_HELP = "Top-level directory of the git repository."
+DB_HELP = "SQLite file of the loop (default: <repo>/.lifecycle-agent/ralph.db, git-ignored)."
+AGENT_HELP = "The loop's agent id in the database."
+
+
+def _short(text: Optional[str], width: int = 60) -> str:
+    text = (text or "").replace("\n", " ").strip()
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _check_cell(info: IterationInfo) -> str:
+    if info.status == "failed":
+        return f"[red]error[/]: {_short(info.error, 40)}"
+    if info.check_passed:
+        return "[green]passed[/]"
+    if info.check_timed_out:
+        return "[red]timed out[/]"
+    return f"[red]exit {info.check_exit_code}[/]"
+
+
+def iterations_table(infos: list[IterationInfo], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("iter", "check", "changed", "notes v", "tokens", "time", "commit", "last check line"):
+        table.add_column(column)
+    for info in infos:
+        last_line = next((line for line in reversed(info.check_output.splitlines()) if line.strip()), "")
+        table.add_row(
+            str(info.iteration), _check_cell(info), str(len(info.progress_files)),
+            "-" if info.notes_version is None else str(info.notes_version),
+            "-" if info.tokens is None else str(info.tokens),
+            "-" if info.duration_s is None else f"{info.duration_s:.1f} s",
+            (info.commit or "-")[:8], _short(last_line, 50),
+        )
+    return table
+
+
+def _progress_handler(progress: Progress, bar) -> "callable":
+    last_check = {"text": "not run yet"}
+
+    def on_event(event: LoopEvent) -> None:
+        if event.kind == "check":
+            last_check["text"] = event.message.split(": ", 1)[-1]
+            progress.console.print(f"[dim]{event.message}[/]")
+        elif event.kind == "iteration_start":
+            progress.update(bar, description=f"{event.message} · last check: {last_check['text']}")
+        elif event.kind == "iteration_end":
+            info = event.info
+            if info is not None and info.status == "ok":
+                last_check["text"] = info.check_verdict or "-"
+                changed = ", ".join(info.progress_files[:4]) or "no file changed"
+                notes = f"notes v{info.notes_version}" if info.notes_version is not None else "notes unchanged"
+                progress.console.print(
+                    f"iteration {event.iteration} · {event.elapsed_s:.0f} s elapsed · check {_check_cell(info)} · "
+                    f"{changed} · {notes} · commit {(info.commit or '-')[:8]}"
+                )
+            else:
+                progress.console.print(f"[red]{event.message}[/]")
+        elif event.kind in ("resume", "notes_edit"):
+            progress.console.print(f"[yellow]{event.message}[/]")
+
+    return on_event
+
+
+@ralph_app.callback(invoke_without_command=True)
+def ralph(
+    ctx: typer.Context,
+    repo: Optional[Path] = typer.Option(None, "--repo", "-r", help=REPO_HELP),
+    prompt: Path = typer.Option(Path("PROMPT.md"), "--prompt", "-p", help="Task file, re-read every iteration (looked up in the repo first)."),
+    check: Optional[str] = typer.Option(None, "--check", "-c", help="Shell command that passes (exit 0) when the task is done, e.g. 'pytest -q'."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Model spec of the built-in tool agent, or with --agent-cmd the model that writes the notes "
+        "(default without --agent-cmd: smollm2).",
+    ),
+    agent_cmd: Optional[str] = typer.Option(None, "--agent-cmd", help="External coding CLI; gets the prompt on stdin, works in the repo."),
+    max_iterations: int = typer.Option(10, "--max-iterations", "-n", min=1, help="Iterations of the whole loop (resumed runs included)."),
+    max_minutes: float = typer.Option(60.0, "--max-minutes", min=0.001, help="Wall time of this invocation, minutes."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Model tokens of the whole loop."),
+    notes_file: str = typer.Option("NOTES.md", "--notes-file", help="Notes mirror in the repo, which people may edit between iterations."),
+    max_no_progress: int = typer.Option(3, "--max-no-progress", min=1, help="Stop after this many iterations in a row that change no file."),
+    max_same_failure: int = typer.Option(3, "--max-same-failure", min=1, help="Stop after the same failing check output this many times in a row."),
+    completion_marker: str = typer.Option(DEFAULT_MARKER, "--completion-marker", help="Agent output that ends the loop ('' turns it off)."),
+    check_timeout: float = typer.Option(600.0, "--check-timeout", min=0.01, help="Longest check run, seconds."),
+    agent_timeout: Optional[float] = typer.Option(None, "--agent-timeout", min=0.01, help="Longest agent command run, seconds."),
+    command_timeout: float = typer.Option(60.0, "--command-timeout", min=0.01, help="Longest run_command of the built-in agent, seconds."),
+    max_turns: int = typer.Option(30, "--max-turns", min=1, help="Tool calls of the built-in agent per iteration."),
+    output_chars: int = typer.Option(4000, "--output-chars", min=200, help="Longest output shown to the agent, characters."),
+    context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Notes budget, characters (stored with the agent)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature of the model."),
+    allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Start although the repo has uncommitted changes (the first iteration commits them)."),
+    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+    agent: str = typer.Option(DEFAULT_AGENT_ID, "--agent", "-a", help=AGENT_HELP),
+    base_url: Optional[str] = BASE_URL_OPTION,
+    api_key: Optional[str] = API_KEY_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run the loop. Exit code 0 only when the check passed; 1 when a limit or breaker stopped it; 2 on errors."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if repo is None:
+        raise typer.BadParameter("give the repository with --repo DIR", param_hint="--repo")
+    if check is None:
+        raise typer.BadParameter("give the check command, e.g. --check 'pytest -q'", param_hint="--check")
+    chat_model = None
+    if model is not None or agent_cmd is None:
+        spec = model or "smollm2"
+        if not as_json:
+            err_console.print(f"loading model {spec} ...")
+        chat_model = load_model(spec, base_url, api_key)
+    options = dict(
+        prompt=prompt, model=chat_model, agent_cmd=agent_cmd, max_iterations=max_iterations, max_minutes=max_minutes,
+        max_tokens=max_tokens, notes_file=notes_file, max_no_progress=max_no_progress, max_same_failure=max_same_failure,
+        completion_marker=completion_marker or None, check_timeout=check_timeout, agent_timeout=agent_timeout,
+        command_timeout=command_timeout, max_turns=max_turns, output_chars=output_chars, context_budget=context_budget,
+        temperature=temperature, allow_dirty=allow_dirty, db=db, agent_id=agent,
+    )
+    try:
+        if as_json:
+            result = run_loop(repo, check=check, **options)
+            print_json(result.model_dump())
+        else:
+            result = _run_with_progress(repo, check, max_iterations, options)
+    finally:
+        if chat_model is not None:
+            chat_model.close()
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def _run_with_progress(repo: Path, check: str, max_iterations: int, options: dict) -> LoopResult:
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True,
+    )
+    with progress:
+        bar = progress.add_task("starting", total=None)
+        result = run_loop(repo, check=check, on_event=_progress_handler(progress, bar), **options)
+    ran = result.iterations[-result.iterations_run :] if result.iterations_run else []
+    if ran:
+        console.print(iterations_table(ran, f"ralph loop on {result.repo}"))
+    console.print(Panel(result.notes or "(no notes)", title=f"notes (version {result.notes_version})", title_align="left"), markup=False)
+    colour = "green" if result.passed else "red"
+    tokens = f" · {result.tokens} model tokens in all" if result.tokens else ""
+    console.print(
+        f"[{colour}]stopped ({result.stop_reason}):[/] {result.message} · {len(result.iterations)} iterations in all · "
+        f"{result.elapsed_s:.1f} s{tokens}",
+    )
+    return result
+
+
+def _when(ts: Optional[float]) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def print_status(status: LoopStatus) -> None:
+    console.print(f"[bold]ralph loop[/] of agent {status.agent_id} on {status.repo} (database {status.db})")
+    if status.in_progress:
+        state = status.in_progress
+        since = time.time() - (state.get("started_at") or time.time())
+        if state.get("running"):
+            console.print(f"[yellow]iteration {state['iteration']} is running[/] (pid {state.get('pid')}, for {since:.0f} s)")
+        else:
+            console.print(f"[yellow]iteration {state['iteration']} was interrupted[/]: rerun the loop to resume it")
+    if status.iterations:
+        console.print(iterations_table(status.iterations, f"{len(status.iterations)} iterations"))
+    else:
+        console.print("no iteration has finished yet")
+    if status.runs:
+        runs = Table(title="runs")
+        for column in ("run", "started", "finished", "stop reason"):
+            runs.add_column(column)
+        for run in status.runs:
+            runs.add_row(run.run_id, _when(run.started_at), _when(run.finished_at), run.stop_reason)
+        console.print(runs)
+    history = Table(title="notes history")
+    for column in ("version", "created", "source", "chars", "note", "start of text"):
+        history.add_column(column)
+    for version in status.notes_history:
+        history.add_row(
+            str(version.version), _when(version.created_at), version.source, str(len(version.text)),
+            version.note or "", _short(version.text, 50),
+        )
+    console.print(history)
+    console.print(Panel(status.notes or "(no notes)", title=f"notes (version {status.notes_version})", title_align="left"), markup=False)
+
+
+@ralph_app.command("status")
+def status(
+    repo: Path = typer.Option(..., "--repo", "-r", help=REPO_HELP),
+    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+    agent: str = typer.Option(DEFAULT_AGENT_ID, "--agent", "-a", help=AGENT_HELP),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Iterations, check results, runs and the notes history of the loop on a repository (safe while it runs)."""
+    result = loop_status(repo, db=db, agent_id=agent)
+    if as_json:
+        print_json({**result.model_dump(), "passed": result.passed})
+    else:
+        print_status(result)

@@ -1,0 +1,676 @@
+"""Learning curves: mean reward by position in the pack, with and without a context.
+
+:func:`evaluate` runs, for every environment, ``packs`` packs per seed in each mode,
+on the same packs (same pack seeds, a fresh :class:`~lifecycle_agent.envs.Pack` per mode):
+
+- ``live``: the CoD loop, the context is rewritten after every task;
+- ``frozen``: the context is written once, after the first task, then never updated;
+- ``none``: no context at all (the baseline without memory);
+- ``ralph``: one task repeated S times (Ralph packing), the context live.
+
+Every pack of every mode is a fresh agent (its own id) in one SQLite file,
+``OUT/eval.db``; an interrupted eval run again with the same settings skips the tasks it
+finished. The report is computed from the stored episodes only, so a resumed eval and an
+uninterrupted one write the same ``report.json`` (apart from its ``timing`` fields).
+
+>>> from lifecycle_agent.eval import evaluate
+>>> report = evaluate("fact-recall", "scripted", packs=4, pack_size=4, seeds=[1, 2])  # doctest: +SKIP
+>>> report["environments"]["fact-recall"]["modes"]["live"]["by_position"]          # doctest: +SKIP
+[0.0, 0.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from . import envs as envs_module
+from .agent import LifecycleAgent, TaskRecord
+from .errors import LifecycleAgentError
+from .prompts import DEFAULT_PROMPT_SET, get_prompt_set
+from .store import Store
+
+#: Mode name -> (packing, context mode of the agent).
+MODES: dict[str, tuple[str, str]] = {
+    "live": ("cod", "live"),
+    "frozen": ("cod", "frozen"),
+    "none": ("cod", "none"),
+    "ralph": ("ralph", "live"),
+}
+#: Line style and marker of each mode in curve.png (overlapping curves stay visible).
+_STYLES = {"live": ("-", "o"), "frozen": ("--", "s"), "none": (":", "^"), "ralph": ("-.", "D")}
+REPORT_FORMAT = "lifecycle-agent/eval-report"
+REPORT_FORMAT_VERSION = 1
+#: Pack ``k`` of seed ``s`` uses pack seed ``s * PACK_SEED_STRIDE + k``.
+PACK_SEED_STRIDE = 10_000
+SETTINGS_FILE = "eval-settings.json"
+DB_FILE = "eval.db"
+#: Settings that may change between an interrupted eval and its resumption.
+_RESUMABLE_CHANGES = ("concurrency",)
+
+
+class EvalError(LifecycleAgentError, ValueError):
+    """The evaluation settings are not acceptable (the message says which and what to do)."""
+
+
+@dataclass
+class EvalProgress:
+    """Passed to ``on_progress`` after every task (and for tasks already done in an earlier run)."""
+
+    done: int
+    """Tasks finished so far, all environments and modes together."""
+    total: int
+    """Tasks in the whole evaluation."""
+    env: str
+    mode: str
+    record: Optional[TaskRecord]
+    """The task's record; ``None`` for tasks finished by an earlier, interrupted run."""
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """Seeds from a list of integers or a string like ``"1,2,3"`` or ``"1-5"``."""
+    if isinstance(value, str):
+        items: list[int] = []
+        for part in value.replace(" ", "").split(","):
+            if not part:
+                continue
+            match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+            if not match:
+                raise EvalError(f"seeds: {part!r} is not an integer or a range like 1-5 (give e.g. --seeds 1,2,3)")
+            low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+            if high < low:
+                raise EvalError(f"seeds: range {part!r} runs backwards")
+            items += range(low, high + 1)
+        value = items
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    try:
+        seeds = list(value)
+    except TypeError:
+        raise EvalError(f"seeds must be integers, got {value!r}") from None
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise EvalError(f"seeds must be integers, got {seed!r}")
+    if not seeds:
+        raise EvalError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise EvalError(f"seeds repeat: {seeds}; each seed must appear once")
+    return seeds
+
+
+def parse_names(value: Any, what: str = "environment") -> list[str]:
+    """A list of names from a list or a comma-separated string."""
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value or [])
+    names = [n for n in names if n]
+    if not names:
+        raise EvalError(f"give at least one {what}")
+    if len(set(names)) != len(names):
+        raise EvalError(f"{what}s repeat: {', '.join(names)}")
+    return names
+
+
+def check_settings(
+    env: Any,
+    *,
+    packs: Any = 4,
+    pack_size: Any = 4,
+    preset: str = "train",
+    seeds: Any = (1,),
+    modes: Any = tuple(MODES),
+    concurrency: Any = 4,
+    parse_policy: Optional[str] = None,
+    prompt_set: Optional[str] = None,
+    env_options: Optional[dict[str, dict[str, Any]]] = None,
+) -> dict[str, Any]:
+    """Check every evaluation setting (cheap: no model is loaded, nothing is written).
+
+    Returns the normalised values (``env_names``, ``modes``, ``seeds``, ``prompt_set``) and
+    the ``environments`` made from them; raises :class:`EvalError` or
+    :class:`~lifecycle_agent.errors.EnvironmentSpecError` saying what is wrong.
+    """
+    env_names = parse_names(env)
+    mode_names = parse_names(modes, "mode")
+    unknown = [m for m in mode_names if m not in MODES]
+    if unknown:
+        raise EvalError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    _positive_int(packs, "packs", PACK_SEED_STRIDE)
+    _positive_int(pack_size, "pack size")
+    _positive_int(concurrency, "concurrency")
+    seed_list = parse_seeds(seeds)
+    prompt_set = prompt_set or DEFAULT_PROMPT_SET
+    try:
+        get_prompt_set(prompt_set)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    if parse_policy not in (None, "strict", "lenient"):
+        raise EvalError(f"parse policy must be strict or lenient, got {parse_policy!r}")
+    env_options = dict(env_options or {})
+    stray = [name for name in env_options if name not in env_names]
+    if stray:
+        raise EvalError(f"env_options names environment(s) not evaluated: {', '.join(stray)}")
+    environments = {name: envs_module.make(name, preset=preset, **env_options.get(name, {})) for name in env_names}
+    return {"env_names": env_names, "modes": mode_names, "seeds": seed_list, "prompt_set": prompt_set, "environments": environments}
+
+
+def _positive_int(value: Any, what: str, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvalError(f"{what} must be an integer >= 1, got {value!r}")
+    if high is not None and value > high:
+        raise EvalError(f"{what} must be at most {high}, got {value}")
+    return value
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if len(slug) > 48:
+        slug = slug[:36] + "-" + hashlib.sha1(name.encode()).hexdigest()[:11]
+    return slug
+
+
+# --------------------------------------------------------------------------- statistics
+
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+
+
+def t95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``df`` degrees of freedom (table to 30, then a series)."""
+    if df < 1:
+        raise ValueError("t95 needs at least 1 degree of freedom")
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """Mean and 95% confidence interval (Student's t) of ``values``; bounds ``None`` for fewer than 2 values."""
+    if not values:
+        return None, None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None, None
+    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def curve_metrics(by_position: Sequence[Optional[float]]) -> dict[str, Optional[float]]:
+    """``gain`` (last position minus first), ``auc`` and ``forgetting`` of a reward-by-position curve.
+
+    ``auc``: trapezoidal area under the curve divided by its width (S - 1), in reward units
+    (for S = 1, the single value). ``forgetting``: the largest drop between consecutive
+    positions (0 when the curve never drops). ``None`` when a position has no data.
+    """
+    if not by_position or any(v is None for v in by_position):
+        return {"gain": None, "auc": None, "forgetting": None}
+    values = list(by_position)
+    if len(values) == 1:
+        auc = values[0]
+    else:
+        auc = sum((a + b) / 2 for a, b in zip(values, values[1:])) / (len(values) - 1)
+    drops = [a - b for a, b in zip(values, values[1:])]
+    return {"gain": values[-1] - values[0], "auc": auc, "forgetting": max([0.0] + drops)}
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(float(value), 6)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class _Job:
+    env_key: str
+    env: envs_module.Environment
+    seed: int
+    index: int
+    mode: str
+    task_ids: Optional[list[str]] = None
+
+    @property
+    def pack_seed(self) -> int:
+        return self.seed * PACK_SEED_STRIDE + self.index
+
+    @property
+    def agent_id(self) -> str:
+        return f"eval.{_slug(self.env_key)}.{self.env.preset}.s{self.seed}.p{self.index}.{self.mode}"
+
+    def make_pack(self, pack_size: int) -> envs_module.Pack:
+        return self.env.pack(self.pack_seed, pack_size, MODES[self.mode][0])
+
+
+def evaluate(
+    env: str | Iterable[str],
+    model: Any = None,
+    *,
+    packs: int = 4,
+    pack_size: int = 4,
+    preset: str = "train",
+    seeds: Any = (1,),
+    modes: Any = tuple(MODES),
+    out: Optional[str | os.PathLike] = None,
+    concurrency: int = 4,
+    temperature: Optional[float] = None,
+    update_temperature: Optional[float] = None,
+    max_new_tokens: Optional[int] = None,
+    context_budget: Optional[int] = None,
+    parse_policy: Optional[str] = None,
+    prompt_set: Optional[str] = None,
+    env_options: Optional[dict[str, dict[str, Any]]] = None,
+    on_progress: Optional[Callable[[EvalProgress], None]] = None,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Measure reward by position for each environment and mode; return the report (a dict).
+
+    Args:
+        env: environment name(s) (a list, or ``"a,b"``); ``package.module:factory`` works too.
+        model: anything :func:`~lifecycle_agent.models.resolve_model` accepts (``"scripted"``,
+            ``"smollm2"``, a :class:`~lifecycle_agent.models.ChatModel`...). One model object
+            serves every pack, so a local model batches concurrent packs.
+        packs: packs per seed and environment.
+        pack_size: tasks per pack (S).
+        preset: environment preset (``train``, ``easy``, ``hard``).
+        seeds: integers or ``"1,2,3"``; pack ``k`` of seed ``s`` has pack seed ``s*10000 + k``.
+        modes: any of ``live``, ``frozen``, ``none``, ``ralph`` (default: all four).
+        out: directory for ``eval.db``, ``report.json``, ``report.md`` and ``curve.png``
+            (created if missing). ``None``: an in-memory database and no files.
+        concurrency: packs run at the same time (coroutines over the shared model).
+        temperature, update_temperature, max_new_tokens: model call settings (``None``: the
+            model's defaults).
+        context_budget, parse_policy, prompt_set: agent settings (``None``: the defaults).
+        env_options: per-environment options, ``{"frozen-lake-obscure": {"size": 5}}``.
+        on_progress: called with an :class:`EvalProgress` after every task.
+        plot: write ``curve.png`` (needs matplotlib) when ``out`` is given.
+
+    Raises :class:`EvalError` or :class:`~lifecycle_agent.errors.EnvironmentSpecError` for bad
+    settings before anything is run or written.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise EvalError("evaluate() was called inside a running event loop; use `await aevaluate(...)` there")
+    return asyncio.run(
+        aevaluate(
+            env, model, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, out=out,
+            concurrency=concurrency, temperature=temperature, update_temperature=update_temperature,
+            max_new_tokens=max_new_tokens, context_budget=context_budget, parse_policy=parse_policy,
+            prompt_set=prompt_set, env_options=env_options, on_progress=on_progress, plot=plot,
+        )
+    )
+
+
+async def aevaluate(
+    env: str | Iterable[str],
+    model: Any = None,
+    *,
+    packs: int = 4,
+    pack_size: int = 4,
+    preset: str = "train",
+    seeds: Any = (1,),
+    modes: Any = tuple(MODES),
+    out: Optional[str | os.PathLike] = None,
+    concurrency: int = 4,
+    temperature: Optional[float] = None,
+    update_temperature: Optional[float] = None,
+    max_new_tokens: Optional[int] = None,
+    context_budget: Optional[int] = None,
+    parse_policy: Optional[str] = None,
+    prompt_set: Optional[str] = None,
+    env_options: Optional[dict[str, dict[str, Any]]] = None,
+    on_progress: Optional[Callable[[EvalProgress], None]] = None,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Async twin of :func:`evaluate` (for callers already inside an event loop)."""
+    started = time.perf_counter()
+    checked = check_settings(
+        env, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
+        parse_policy=parse_policy, prompt_set=prompt_set, env_options=env_options,
+    )
+    env_names, mode_names, seed_list = checked["env_names"], checked["modes"], checked["seeds"]
+    environments, prompt_set = checked["environments"], checked["prompt_set"]
+
+    from .models import resolve_model
+
+    owns_model = isinstance(model, str) or model is None
+    chat_model = resolve_model(model)
+    settings = {
+        "environments": env_names,
+        "preset": preset,
+        "packs": packs,
+        "pack_size": pack_size,
+        "seeds": seed_list,
+        "modes": mode_names,
+        "model_id": chat_model.model_id,
+        "prompt_set": prompt_set,
+        "temperature": temperature,
+        "update_temperature": update_temperature,
+        "max_new_tokens": max_new_tokens,
+        "context_budget": context_budget,
+        "parse_policy": parse_policy,
+        "env_options": {name: environments[name].options for name in env_names},
+        "concurrency": concurrency,
+    }
+    out_dir = Path(out) if out is not None else None
+    try:
+        store = _open_store(out_dir, settings)
+    except BaseException:
+        if owns_model:
+            chat_model.close()
+        raise
+    jobs = [
+        _Job(name, environments[name], seed, index, mode)
+        for name in env_names for seed in seed_list for index in range(packs) for mode in mode_names
+    ]
+    counter = {"done": 0, "total": len(jobs) * pack_size}
+    errors: list[dict[str, Any]] = []
+    agent_settings = dict(context_budget=context_budget, parse_policy=parse_policy, prompt_set=prompt_set)
+    call_settings = dict(temperature=temperature, update_temperature=update_temperature, max_new_tokens=max_new_tokens)
+
+    def report_progress(job: _Job, record: Optional[TaskRecord]) -> None:
+        counter["done"] += 1
+        if on_progress is not None:
+            on_progress(EvalProgress(counter["done"], counter["total"], job.env_key, job.mode, record))
+
+    async def run_job(job: _Job, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            try:
+                tasks = job.make_pack(pack_size).tasks
+                job.task_ids = [task.id for task in tasks]
+            except Exception as exc:  # an environment's own code failed: record it, evaluate the rest
+                errors.append(_job_error(job, f"making the pack raised {type(exc).__name__}: {exc}"))
+                for _ in range(pack_size):
+                    report_progress(job, None)
+                return
+            agent = LifecycleAgent(
+                chat_model, store, job.agent_id, context_mode=MODES[job.mode][1], **agent_settings, **call_settings
+            )
+            result = await agent.arun(
+                tasks, update_after_last=False, on_record=lambda record: report_progress(job, record)
+            )
+            for _ in result.skipped:
+                report_progress(job, None)
+
+    try:
+        gate = asyncio.Semaphore(concurrency)
+        await asyncio.gather(*(run_job(job, gate) for job in jobs))
+        report = build_report(store, jobs, environments, settings, pack_size, errors)
+        wall = time.perf_counter() - started
+        episodes = sum(m["episodes"] for e in report["environments"].values() for m in e["modes"].values())
+        report["timing"] = {"wall_seconds": round(wall, 3), "episodes_in_db": episodes}
+        if out_dir is not None:
+            write_report(report, out_dir, plot=plot)
+        return report
+    finally:
+        store.close()
+        if owns_model:
+            chat_model.close()
+
+
+def _job_error(job: _Job, message: str) -> dict[str, Any]:
+    return {"env": job.env_key, "mode": job.mode, "seed": job.seed, "pack": job.index, "error": message}
+
+
+def _open_store(out_dir: Optional[Path], settings: dict[str, Any]) -> Store:
+    """The eval database; refuses a directory holding an eval with other settings."""
+    if out_dir is None:
+        return Store(":memory:")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"--out {out_dir} exists and is not a directory")
+    settings_path, db_path = out_dir / SETTINGS_FILE, out_dir / DB_FILE
+    comparable = {k: v for k, v in settings.items() if k not in _RESUMABLE_CHANGES}
+    if settings_path.exists():
+        try:
+            previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvalError(f"{settings_path} cannot be read ({exc}); use a new --out directory") from None
+        previous = {k: v for k, v in previous.items() if k not in _RESUMABLE_CHANGES}
+        if previous != comparable:
+            changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
+            details = "; ".join(f"{k}: {previous.get(k)!r} -> {comparable.get(k)!r}" for k in changed)
+            raise EvalError(
+                f"{out_dir} holds an eval with other settings ({details}); resume it with the same settings, "
+                "or use a new --out directory"
+            )
+    elif db_path.exists():
+        raise EvalError(f"{db_path} exists but {settings_path.name} is missing; use a new --out directory")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
+    return Store(db_path)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def build_report(
+    store: Store,
+    jobs: list[_Job],
+    environments: dict[str, envs_module.Environment],
+    settings: dict[str, Any],
+    pack_size: int,
+    errors: Optional[list[dict[str, Any]]] = None,
+) -> dict[str, Any]:
+    """The report (without ``timing``) from the episodes stored for ``jobs``."""
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "format_version": REPORT_FORMAT_VERSION,
+        "model": {"id": settings["model_id"]},
+        "prompt_set": settings["prompt_set"],
+        "settings": {k: v for k, v in settings.items() if k not in ("model_id", "prompt_set", "env_options", "concurrency")},
+        "environments": {},
+        "errors": sorted(errors or [], key=lambda e: (e["env"], e["mode"], e["seed"], e["pack"])),
+    }
+    for name, env in environments.items():
+        entry = {
+            "description": env.description,
+            "preset": env.preset,
+            "options": env.options,
+            "pack_seeds": sorted({job.pack_seed for job in jobs if job.env_key == name}),
+            "modes": {},
+        }
+        for mode in settings["modes"]:
+            mode_jobs = [j for j in jobs if j.env_key == name and j.mode == mode]
+            entry["modes"][mode] = _mode_summary(store, mode, mode_jobs, pack_size)
+        report["environments"][name] = entry
+    return report
+
+
+def _mode_summary(store: Store, mode: str, jobs: list[_Job], pack_size: int) -> dict[str, Any]:
+    columns: list[list[float]] = [[] for _ in range(pack_size)]
+    failed, tasks, episodes = 0, 0, 0
+    prompt_tokens = completion_tokens = 0
+    seconds = 0.0
+    update_status: dict[str, int] = {}
+    task_errors: list[str] = []
+    for job in jobs:
+        if job.task_ids is None or not store.has_agent(job.agent_id):
+            continue
+        rows = store.episodes(job.agent_id, limit=None)
+        episodes += len(rows)
+        solves = {row.task_id: row for row in rows if row.kind == "solve"}  # the latest solve per task
+        for row in rows:
+            prompt_tokens += row.prompt_tokens or 0
+            completion_tokens += row.completion_tokens or 0
+            seconds += row.duration_s or 0.0
+            if row.kind == "update":
+                update_status[row.status] = update_status.get(row.status, 0) + 1
+        for position, task_id in enumerate(job.task_ids):
+            row = solves.get(task_id)
+            if row is None:
+                continue
+            tasks += 1
+            if row.status == "failed" or row.reward is None:
+                failed += row.status == "failed"
+                if row.error and row.error not in task_errors:
+                    task_errors.append(row.error)
+            columns[position].append(float(row.reward) if row.reward is not None else 0.0)
+    by_position, ci95, counts = [], [], []
+    for values in columns:
+        mean, low, high = mean_ci95(values)
+        by_position.append(_round(mean))
+        ci95.append([_round(low), _round(high)])
+        counts.append(len(values))
+    metrics = curve_metrics(by_position)
+    every = [v for values in columns for v in values]
+    return {
+        "packing": MODES[mode][0],
+        "context_mode": MODES[mode][1],
+        "by_position": by_position,
+        "ci95": ci95,
+        "n": counts,
+        "gain": _round(metrics["gain"]),
+        "auc": _round(metrics["auc"]),
+        "forgetting": _round(metrics["forgetting"]),
+        "mean_reward": _round(statistics.fmean(every)) if every else None,
+        "tasks": tasks,
+        "episodes": episodes,
+        "failed_tasks": failed,
+        "task_errors": task_errors[:5],
+        "update_status": dict(sorted(update_status.items())),
+        "prompt_tokens_per_task": _round(prompt_tokens / tasks) if tasks else None,
+        "completion_tokens_per_task": _round(completion_tokens / tasks) if tasks else None,
+        "timing": {"seconds_per_task": round(seconds / tasks, 4) if tasks else None},
+    }
+
+
+def strip_timing(report: Any) -> Any:
+    """The report without its ``timing`` fields (what the determinism promise covers)."""
+    if isinstance(report, dict):
+        return {k: strip_timing(v) for k, v in report.items() if k != "timing"}
+    if isinstance(report, list):
+        return [strip_timing(v) for v in report]
+    return report
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def position_cell(mode: dict[str, Any], position: int) -> str:
+    """``mean ± half-width`` of one position (``mean`` alone without an interval)."""
+    mean = mode["by_position"][position]
+    low, high = mode["ci95"][position]
+    if mean is None:
+        return "-"
+    if low is None:
+        return f"{mean:.2f}"
+    return f"{mean:.2f}±{(high - low) / 2:.2f}"
+
+
+def table_rows(report: dict[str, Any], env: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one environment's table (shared by report.md and the terminal)."""
+    entry = report["environments"][env]
+    size = report["settings"]["pack_size"]
+    header = ["mode"] + [f"pos {j}" for j in range(size)] + ["gain", "AUC", "forget", "tok/task", "s/task"]
+    rows = []
+    for mode, data in entry["modes"].items():
+        tokens = None
+        if data["prompt_tokens_per_task"] is not None:
+            tokens = data["prompt_tokens_per_task"] + data["completion_tokens_per_task"]
+        rows.append(
+            [mode] + [position_cell(data, j) for j in range(size)]
+            + [_signed(data["gain"]), _fmt(data["auc"]), _fmt(data["forgetting"]),
+               "-" if tokens is None else f"{tokens:.0f}", _fmt(data["timing"]["seconds_per_task"], 3)]
+        )
+    return header, rows
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """``report.md``: settings and one table per environment."""
+    s = report["settings"]
+    lines = [
+        "# Evaluation: reward by position in the pack",
+        "",
+        f"Model `{report['model']['id']}`, prompt set `{report['prompt_set']}`, preset `{s['preset']}`, "
+        f"{s['packs']} pack(s) x seeds {', '.join(map(str, s['seeds']))}, pack size {s['pack_size']}, "
+        f"temperature {s['temperature'] if s['temperature'] is not None else 'model default'}.",
+        "",
+        "Cells: mean reward ± half-width of the 95% confidence interval over packs and seeds. "
+        "gain = last position minus first; AUC = area under the curve / (S - 1); forget = largest drop "
+        "between consecutive positions; tok/task = prompt + completion tokens per task (solve and update "
+        "episodes); s/task = model and environment seconds per task.",
+    ]
+    for env in report["environments"]:
+        header, rows = table_rows(report, env)
+        lines += ["", f"## {env}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        failed = {m: d["failed_tasks"] for m, d in report["environments"][env]["modes"].items() if d["failed_tasks"]}
+        if failed:
+            lines += ["", "Failed tasks (counted as reward 0): " + ", ".join(f"{m} {n}" for m, n in failed.items())]
+    if report["errors"]:
+        lines += ["", "## Errors", ""] + [f"- {e['env']} {e['mode']} seed {e['seed']} pack {e['pack']}: {e['error']}" for e in report["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """``curve.png``: reward by position, one line per mode (95% band), one panel per environment."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+
+    names = list(report["environments"])
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    size = report["settings"]["pack_size"]
+    positions = list(range(size))
+    for ax, name in zip(axes.flat, names):
+        seen = [0.0, 1.0]
+        for mode, data in report["environments"][name]["modes"].items():
+            seen += [v for v in data["by_position"] if v is not None]
+            means = [math.nan if v is None else v for v in data["by_position"]]
+            style, marker = _STYLES.get(mode, ("-", "o"))
+            (line,) = ax.plot(positions, means, linestyle=style, marker=marker, markersize=5, label=mode)
+            low = [math.nan if lo is None else lo for lo, _ in data["ci95"]]
+            high = [math.nan if hi is None else hi for _, hi in data["ci95"]]
+            ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
+        ax.set_title(name)
+        ax.set_xlabel("position in pack")
+        ax.set_ylabel("mean reward")
+        ax.set_xticks(positions)
+        ax.set_ylim(min(seen) - 0.05, max(seen) + 0.05)  # at least [0, 1], where built-in rewards lie
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    figure.suptitle(f"{report['model']['id']} · preset {report['settings']['preset']}", fontsize=10)
+    figure.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    figure.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, *, plot: bool = True) -> None:
+    """Write ``report.json``, ``report.md`` and (with ``plot``) ``curve.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    _write_atomic(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(out_dir / "report.md", markdown_report(report))
+    if plot:
+        plot_curves(report, out_dir / "curve.png")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,362 @@
+"""``evaluate`` and ``lifecycle-agent eval``: learning curves that measure what they claim."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lifecycle_agent import envs
+from lifecycle_agent.envs import Environment, EnvTask
+from lifecycle_agent.errors import EnvironmentSpecError
+from lifecycle_agent.eval import (
+    EvalError, MODES, curve_metrics, evaluate, mean_ci95, parse_seeds, strip_timing, t95,
+)
+from lifecycle_agent.models.scripted import ScriptedModel
+from lifecycle_agent.store import Store
+from lifecycle_agent.tasks import StepResult
+
+TESTS_DIR = str(Path(__file__).parent)
+
+
+def small_eval(tmp_path, name="out", env="fact-recall", model=None, **overrides):
+    """3 packs x seeds 1, 2 x S=4 with the scripted note-taking model, into tmp_path/name."""
+    options = dict(packs=3, pack_size=4, seeds=[1, 2], out=tmp_path / name, plot=False)
+    options.update(overrides)
+    return evaluate(env, model or ScriptedModel(), **options)
+
+
+# --------------------------------------------------------------------------- the harness measures what it claims
+
+
+def test_note_taking_policy_gains_in_live_and_not_in_none(tmp_path):
+    report = small_eval(tmp_path)
+    modes = report["environments"]["fact-recall"]["modes"]
+    assert modes["live"]["gain"] > 0.5
+    assert modes["live"]["by_position"][-1] == 1.0
+    assert modes["none"]["gain"] == 0.0
+    assert modes["none"]["by_position"] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_frozen_context_keeps_only_what_the_first_task_taught(tmp_path):
+    modes = small_eval(tmp_path)["environments"]["fact-recall"]["modes"]
+    # two secret items alternate: the note written after task 0 answers position 2, not position 3
+    assert modes["frozen"]["by_position"] == [0.0, 0.0, 1.0, 0.0]
+    assert modes["frozen"]["forgetting"] == 1.0
+
+
+def test_ralph_packing_learns_the_repeated_task_after_one_try(tmp_path):
+    modes = small_eval(tmp_path)["environments"]["fact-recall"]["modes"]
+    assert modes["ralph"]["by_position"] == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_a_policy_that_ignores_its_context_shows_no_gain(tmp_path):
+    from lifecycle_agent.models.scripted import feedback_notes
+
+    blind = ScriptedModel(solve=lambda messages: "Answer: 0", update=feedback_notes)
+    modes = small_eval(tmp_path, model=blind)["environments"]["fact-recall"]["modes"]
+    assert all(modes[m]["gain"] == 0.0 for m in MODES)
+
+
+def test_all_modes_run_on_the_same_packs(tmp_path):
+    report = small_eval(tmp_path)
+    with Store(tmp_path / "out" / "eval.db") as store:
+        first_prompts = {}
+        for mode in ("live", "frozen", "none"):
+            row = store.episodes(f"eval.fact-recall.train.s1.p0.{mode}", kind="solve")[0]
+            first_prompts[mode] = row.messages[1]["content"]
+    assert len(set(first_prompts.values())) == 1
+    assert report["environments"]["fact-recall"]["pack_seeds"] == [10000, 10001, 10002, 20000, 20001, 20002]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_json_holds_curves_with_intervals_and_summary(tmp_path):
+    small_eval(tmp_path, plot=True)
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    live = report["environments"]["fact-recall"]["modes"]["live"]
+    assert len(live["by_position"]) == 4 and len(live["ci95"]) == 4 and live["n"] == [6, 6, 6, 6]
+    for key in ("gain", "auc", "forgetting", "prompt_tokens_per_task", "completion_tokens_per_task", "timing"):
+        assert key in live
+    assert report["model"]["id"] == "scripted"
+    assert report["prompt_set"] == "cod-v1"
+    assert report["settings"]["seeds"] == [1, 2]
+    assert report["environments"]["fact-recall"]["options"] == {"items": 2, "digits": 3}
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| live |" in (out / "report.md").read_text()
+
+
+def test_update_after_the_last_task_is_skipped(tmp_path):
+    small_eval(tmp_path, packs=1, seeds=[1], modes=["live"])
+    with Store(tmp_path / "out" / "eval.db") as store:
+        kinds = [row.kind for row in store.episodes("eval.fact-recall.train.s1.p0.live")]
+    assert kinds == ["solve", "update", "solve", "update", "solve", "update", "solve"]
+
+
+def test_same_seeds_give_a_byte_identical_report_apart_from_timing(tmp_path):
+    first = small_eval(tmp_path, name="a", env="fact-recall,frozen-lake-obscure", concurrency=1)
+    second = small_eval(tmp_path, name="b", env="fact-recall,frozen-lake-obscure", concurrency=4)
+    assert json.dumps(strip_timing(first)) == json.dumps(strip_timing(second))
+    on_disk = [json.loads((tmp_path / d / "report.json").read_text()) for d in ("a", "b")]
+    assert json.dumps(strip_timing(on_disk[0])) == json.dumps(strip_timing(on_disk[1]))
+
+
+def test_confidence_interval_uses_student_t():
+    mean, low, high = mean_ci95([0.0, 1.0, 1.0, 0.0])
+    assert mean == 0.5
+    assert high - mean == pytest.approx(3.182 * 0.57735 / 2, rel=1e-3)
+    assert mean_ci95([0.3]) == (0.3, None, None)
+    assert t95(1000) == pytest.approx(1.962, abs=1e-3)
+
+
+def test_curve_metrics_gain_auc_and_forgetting():
+    metrics = curve_metrics([0.0, 1.0, 0.5, 1.0])
+    assert metrics == {"gain": 1.0, "auc": pytest.approx((0.5 + 0.75 + 0.75) / 3), "forgetting": 0.5}
+    assert curve_metrics([0.4]) == {"gain": 0.0, "auc": 0.4, "forgetting": 0.0}
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class PowerCut(Exception):
+    pass
+
+
+class CutAfter(ScriptedModel):
+    """The scripted policy, interrupted after ``n`` calls."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def generate(self, messages, **kwargs):
+        if self.calls >= self.n:
+            raise PowerCut("the machine went down")
+        return super().generate(messages, **kwargs)
+
+
+def test_interrupted_eval_resumes_from_its_database(tmp_path):
+    with pytest.raises(PowerCut):
+        small_eval(tmp_path, name="resumed", model=CutAfter(40))
+    resumed_model = ScriptedModel()
+    resumed = small_eval(tmp_path, name="resumed", model=resumed_model)
+    full_model = ScriptedModel()
+    full = small_eval(tmp_path, name="full", model=full_model)
+    assert resumed_model.calls == full_model.calls - 40
+    assert json.dumps(strip_timing(resumed)) == json.dumps(strip_timing(full))
+
+
+def test_resuming_with_other_settings_is_refused_and_names_them(tmp_path):
+    small_eval(tmp_path, packs=1, seeds=[1])
+    with pytest.raises(EvalError, match=r"packs: 1 -> 2"):
+        small_eval(tmp_path, packs=2, seeds=[1])
+
+
+def test_resuming_with_another_concurrency_is_allowed(tmp_path):
+    first = small_eval(tmp_path, packs=1, seeds=[1], concurrency=1)
+    again = small_eval(tmp_path, packs=1, seeds=[1], concurrency=3)
+    assert strip_timing(first) == strip_timing(again)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_environment_is_refused_with_the_known_names(tmp_path):
+    with pytest.raises(EnvironmentSpecError, match="known environments: alchemy, fact-recall, frozen-lake-obscure"):
+        small_eval(tmp_path, env="fact-recal")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(EnvironmentSpecError, match="no preset 'medium'"):
+        small_eval(tmp_path, preset="medium")
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_pack_size_below_one_is_refused(tmp_path, size):
+    with pytest.raises(EvalError, match="pack size must be an integer >= 1"):
+        small_eval(tmp_path, pack_size=size)
+
+
+@pytest.mark.parametrize("seeds", ["1,a", "one", [1, "2"], [1.5], "3-1", "1,1"])
+def test_bad_seeds_are_refused(seeds):
+    with pytest.raises(EvalError, match="seed"):
+        parse_seeds(seeds)
+
+
+def test_seed_ranges_and_lists_are_read():
+    assert parse_seeds("1,2,5-7") == [1, 2, 5, 6, 7]
+    assert parse_seeds([3, 4]) == [3, 4]
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(EvalError, match="unknown mode.*modes: live, frozen, none, ralph"):
+        small_eval(tmp_path, modes="live,memory")
+
+
+def test_out_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(EvalError, match="not a directory"):
+        small_eval(tmp_path)
+
+
+# --------------------------------------------------------------------------- third-party environments that fail
+
+
+class StepBombTask(EnvTask):
+    max_turns = 1
+
+    def start(self) -> str:
+        return "What is 2 + 2?"
+
+    def step(self, action: str) -> StepResult:
+        if self.index == 1:
+            raise RuntimeError("the simulator crashed")
+        return StepResult("", 1.0 if "4" in action else 0.0, True, "The answer is 4.")
+
+    def oracle_action(self) -> str:
+        return "4"
+
+
+class StepBomb(Environment):
+    """Raises during step() at position 1."""
+
+    name = "step-bomb"
+
+    def hidden_facts(self, rng):
+        return {}
+
+    def make_task(self, pack, index, task_id):
+        return StepBombTask(pack, index, task_id)
+
+
+class PackBomb(StepBomb):
+    """Raises while making its tasks."""
+
+    name = "pack-bomb"
+
+    def make_task(self, pack, index, task_id):
+        raise ValueError("no tasks today")
+
+
+def test_environment_raising_in_step_is_recorded_and_the_eval_continues(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    report = small_eval(tmp_path, env="test_eval:StepBomb", modes="live,none")
+    modes = report["environments"]["test_eval:StepBomb"]["modes"]
+    assert modes["live"]["failed_tasks"] == 6
+    assert modes["live"]["n"] == [6, 6, 6, 6]
+    assert modes["live"]["by_position"][1] == 0.0
+    assert "raised RuntimeError: the simulator crashed" in modes["live"]["task_errors"][0]
+    with Store(tmp_path / "out" / "eval.db") as store:
+        row = store.episodes("eval.test_eval_StepBomb.train.s1.p0.live", kind="solve")[1]
+    assert row.status == "failed" and "simulator crashed" in row.error
+
+
+def test_environment_raising_while_making_a_pack_is_reported_and_others_still_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(TESTS_DIR)
+    report = small_eval(tmp_path, env="test_eval:PackBomb,fact-recall", modes="live")
+    assert {e["env"] for e in report["errors"]} == {"test_eval:PackBomb"}
+    assert "no tasks today" in report["errors"][0]["error"]
+    assert report["environments"]["test_eval:PackBomb"]["modes"]["live"]["by_position"] == [None] * 4
+    assert report["environments"]["fact-recall"]["modes"]["live"]["gain"] > 0
+
+
+def test_registered_environment_is_evaluated_by_name(tmp_path):
+    envs.register("step-bomb", StepBomb)
+    try:
+        report = small_eval(tmp_path, env="step-bomb", modes="none")
+    finally:
+        envs.unregister("step-bomb")
+    assert report["environments"]["step-bomb"]["modes"]["none"]["by_position"][0] == 0.0
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def run_cli(args, capsys):
+    from lifecycle_agent.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_cli_eval_writes_the_report_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code, stdout, _ = run_cli(
+        ["eval", "--env", "fact-recall", "--model", "scripted", "--packs", "2", "--pack-size", "3", "--seeds", "1,2",
+         "--out", str(out), "--no-plot"],
+        capsys,
+    )
+    assert code == 0
+    assert "fact-recall" in stdout and "live" in stdout and "ralph" in stdout and "gain" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["environments"]["fact-recall"]["modes"]["none"]["n"] == [4, 4, 4]
+
+
+def test_cli_eval_passes_environment_options(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code, _, _ = run_cli(
+        ["eval", "--env", "fact-recall", "--model", "scripted", "--packs", "1", "--pack-size", "2", "--modes", "live",
+         "--option", "items=1", "--out", str(out), "--no-plot"],
+        capsys,
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["environments"]["fact-recall"]["options"]["items"] == 1
+    assert report["environments"]["fact-recall"]["modes"]["live"]["by_position"] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--env", "nope"], "unknown environment 'nope'; known environments:"),
+        (["--env", "fact-recall", "--preset", "medium"], "no preset 'medium'"),
+        (["--env", "fact-recall", "--pack-size", "0"], "pack size must be an integer >= 1"),
+        (["--env", "fact-recall", "--seeds", "1,x"], "seeds: 'x' is not an integer"),
+        (["--env", "fact-recall", "--option", "colour"], "expected KEY=VALUE"),
+        (["--env", "fact-recall", "--option", "colour=red"], "unknown option(s) colour"),
+    ],
+)
+def test_cli_eval_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, message):
+    code, _, stderr = run_cli(["eval", "--model", "scripted", "--out", str(tmp_path / "x")] + args, capsys)
+    assert code == 2
+    assert message in " ".join(stderr.split())
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_envs_list_shows_every_environment_with_presets(capsys):
+    code, stdout, _ = run_cli(["envs", "list", "--json"], capsys)
+    rows = {row["name"]: row for row in json.loads(stdout)}
+    assert code == 0
+    assert set(rows) >= {"fact-recall", "frozen-lake-obscure", "grid-navigation", "optimal-control", "alchemy", "terminal"}
+    assert all(row["presets"] == ["train", "easy", "hard"] for row in rows.values())
+
+
+def test_cli_envs_show_plays_the_oracle(capsys):
+    code, stdout, _ = run_cli(["envs", "show", "frozen-lake-obscure", "--seed", "3", "--json"], capsys)
+    shown = json.loads(stdout)
+    assert code == 0
+    assert shown["reward"] == pytest.approx(shown["optimum"]) and shown["turns"]
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_runs_a_tiny_eval_and_records_token_ids(tmp_path):
+    report = evaluate(
+        "fact-recall", "smollm2", packs=1, pack_size=2, seeds=[1], modes="live", out=tmp_path / "smol",
+        max_new_tokens=16, temperature=0.5, plot=False,
+    )
+    live = report["environments"]["fact-recall"]["modes"]["live"]
+    assert "smollm2" in report["model"]["id"].lower()
+    assert live["n"] == [1, 1] and all(0.0 <= r <= 1.0 for r in live["by_position"])
+    assert live["completion_tokens_per_task"] > 0
+    with Store(tmp_path / "smol" / "eval.db") as store:
+        solve = store.episodes("eval.fact-recall.train.s1.p0.live", kind="solve")[0]
+    assert solve.turns[0]["completion_ids"]

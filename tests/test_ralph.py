@@ -1,0 +1,664 @@
+"""The Ralph loop: notes carry over, stops, limits, circuit breakers, crash resume and bad input.
+
+The fixture repository has a check that fails until ``calc.secret()`` returns a number the
+agent cannot guess; the check output tells it. The scripted agents fix the code only from
+what their notes say, so a green loop proves the notes carried the lesson over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lifecycle_agent import CONTEXT_BEGIN, CONTEXT_END
+from lifecycle_agent.errors import ModelCallError
+from lifecycle_agent.models.base import ChatModel, Generation
+from lifecycle_agent.models.scripted import ScriptedModel, hints, section
+from lifecycle_agent.ralph import RalphError, loop_status, run_loop
+from lifecycle_agent.ralph.gitrepo import FALLBACK_EMAIL, GitRepo
+from lifecycle_agent.store import Store
+
+SECRET = 7919
+PYTHON = shlex.quote(sys.executable)
+CHECK = f"{PYTHON} -B check.py"
+AGENT = f"{PYTHON} agent.py"
+LESSON = re.compile(r"secret\(\) must return (\d+)")
+
+CHECK_PY = f"""\
+import sys
+import calc
+value = calc.secret()
+if value != {SECRET}:
+    print(f"FAILED: secret() returned {{value}}; expected {SECRET}")
+    sys.exit(1)
+print("ok")
+"""
+
+# An external agent in the classic loop: it fixes calc.py only from its notes file, and
+# writes the lesson it reads in the latest check output (part of its prompt) to that file.
+AGENT_PY = """\
+import pathlib, re, sys
+prompt = sys.stdin.read()
+notes = pathlib.Path("NOTES.md")
+known = notes.read_text() if notes.exists() else ""
+lesson = re.search(r"secret\\(\\) must return (\\d+)", known)
+pathlib.Path("calc.py").write_text(f"def secret():\\n    return {lesson.group(1) if lesson else 1}\\n")
+seen = re.search(r"expected (\\d+)", prompt)
+if seen and not lesson:
+    notes.write_text(known + f"Lesson: secret() must return {seen.group(1)}.\\n")
+print("edited calc.py")
+"""
+
+
+def git(repo: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid")
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env).stdout
+
+
+def make_repo(root: Path, *, extra: dict[str, str] | None = None) -> Path:
+    """A committed repository whose check fails until secret() returns SECRET."""
+    root.mkdir(parents=True, exist_ok=True)
+    files = {
+        "calc.py": "def secret():\n    return 0\n",
+        "check.py": CHECK_PY,
+        "agent.py": AGENT_PY,
+        "PROMPT.md": "Make `python check.py` pass: secret() in calc.py must return the right number.\n",
+        ".gitignore": "__pycache__/\n",
+        **(extra or {}),
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    return make_repo(tmp_path / "repo")
+
+
+def write_calc(value) -> str:
+    return json.dumps({"tool": "write_file", "args": {"path": "calc.py", "content": f"def secret():\n    return {value}\n"}})
+
+
+def turn(messages) -> int:
+    return sum(1 for m in messages if m["role"] == "assistant")
+
+
+def fix_from_hints(messages) -> str:
+    """Solve policy: write secret() from the lesson in the Hints (a wrong guess without one), then done."""
+    if turn(messages) == 0:
+        lesson = LESSON.search(hints(messages))
+        return write_calc(lesson.group(1) if lesson else 1)
+    return '{"tool": "done", "args": {"summary": "edited calc.py"}}'
+
+
+def notes_reply(lines: list[str]) -> str:
+    return "Updating the notes.\n" + CONTEXT_BEGIN + "\n" + "\n".join(lines) + "\n" + CONTEXT_END
+
+
+def previous_notes(messages) -> list[str]:
+    user = messages[-1]["content"]
+    return [line for line in section(user, "Previous notes").splitlines() if line.strip() and not line.startswith("(")]
+
+
+def learn_from_check(messages) -> str:
+    """Update policy: keep the notes, add the lesson the check output gives."""
+    lines = previous_notes(messages)
+    seen = re.search(r"expected (\d+)", section(messages[-1]["content"], "Result"))
+    if seen and not any(LESSON.search(line) for line in lines):
+        lines.append(f"Lesson: secret() must return {seen.group(1)}.")
+    return notes_reply(lines or ["Nothing learned yet."])
+
+
+def learner() -> ScriptedModel:
+    return ScriptedModel(fix_from_hints, learn_from_check)
+
+
+def forgetful() -> ScriptedModel:
+    return ScriptedModel(fix_from_hints, lambda messages: notes_reply(["Tried something; it failed."]))
+
+
+def loop(repo: Path, model=None, **options):
+    options.setdefault("max_iterations", 5)
+    return run_loop(repo, check=CHECK, model=model, **options)
+
+
+def commits(repo: Path) -> list[str]:
+    return git(repo, "log", "--format=%s").splitlines()
+
+
+# ---------------------------------------------------------------- notes carry the lesson over
+def test_builtin_agent_passes_at_iteration_two_from_its_notes(repo):
+    result = loop(repo, learner())
+    assert (result.stop_reason, result.passed) == ("check_passed", True)
+    assert [i.iteration for i in result.iterations] == [1, 2]
+    assert [i.check_passed for i in result.iterations] == [False, True]
+    assert f"secret() must return {SECRET}" in (repo / "NOTES.md").read_text()
+    assert commits(repo)[:2] == ["ralph: iteration 2, check passed", "ralph: iteration 1, check failed"]
+
+
+def test_scripted_agent_without_the_lesson_never_passes(repo):
+    result = loop(repo, forgetful(), max_iterations=3, max_same_failure=10)
+    assert (result.stop_reason, result.passed) == ("max_iterations", False)
+    assert all(not i.check_passed for i in result.iterations)
+
+
+def test_iteration_two_was_solved_with_the_notes_written_after_iteration_one(repo):
+    result = loop(repo, learner())
+    first, second = result.iterations
+    assert second.context_version == first.notes_version
+    with Store(result.db) as store:
+        solve = store.episodes("ralph", kind="solve", task_id="iter-2")[0]
+    assert f"Lesson: secret() must return {SECRET}" in solve.messages[0]["content"]
+
+
+def test_every_iteration_is_committed_with_the_notes_file_and_without_the_database(repo):
+    result = loop(repo, learner())
+    assert [i.commit for i in result.iterations] == [
+        git(repo, "rev-parse", "HEAD~1").strip(), git(repo, "rev-parse", "HEAD").strip()
+    ]
+    tracked = git(repo, "ls-files").split()
+    assert "NOTES.md" in tracked and not any(p.startswith(".lifecycle-agent") for p in tracked)
+    assert git(repo, "status", "--porcelain") == ""
+    assert Path(result.db) == repo / ".lifecycle-agent" / "ralph.db"
+
+
+def test_feedback_holds_the_check_output_and_the_changed_files(repo):
+    result = loop(repo, learner())
+    with Store(result.db) as store:
+        solve = store.episodes("ralph", kind="solve", task_id="iter-1")[0]
+    assert solve.reward == 0.0
+    assert f"expected {SECRET}" in solve.feedback and "calc.py" in solve.feedback
+
+
+def test_second_prompt_shows_the_previous_check_output(repo):
+    result = loop(repo, learner())
+    with Store(result.db) as store:
+        solve = store.episodes("ralph", kind="solve", task_id="iter-2")[0]
+    observation = solve.messages[1]["content"]
+    assert "After iteration 1" in observation and "returned 1; expected" in observation
+
+
+def test_a_check_that_passes_already_runs_no_iteration(repo):
+    (repo / "calc.py").write_text(f"def secret():\n    return {SECRET}\n")
+    git(repo, "commit", "-qam", "fixed by hand")
+    result = loop(repo, learner())
+    assert (result.stop_reason, result.passed, result.iterations) == ("check_passed", True, [])
+
+
+def test_status_lists_iterations_check_results_and_notes_history(repo):
+    loop(repo, learner())
+    status = loop_status(repo)
+    assert [(i.iteration, i.check_passed) for i in status.iterations] == [(1, False), (2, True)]
+    assert status.passed and status.in_progress is None
+    assert [v.source for v in status.notes_history] == ["init", "update", "update"]
+    assert status.runs[-1].stop_reason == "check_passed"
+    assert all(i.commit for i in status.iterations)
+
+
+def test_status_of_a_repository_without_a_loop_is_an_error(repo):
+    with pytest.raises(RalphError, match="no Ralph loop has run"):
+        loop_status(repo)
+
+
+# ---------------------------------------------------------------- external agent command
+def test_agent_command_keeps_its_own_notes_as_context_versions(repo):
+    result = run_loop(repo, check=CHECK, agent_cmd=AGENT, max_iterations=5)
+    assert (result.stop_reason, result.passed) == ("check_passed", True)
+    assert len(result.iterations) == 2
+    assert f"secret() must return {SECRET}" in result.notes
+    status = loop_status(repo)
+    assert [v.source for v in status.notes_history] == ["init", "agent-notes"]
+    assert status.iterations[0].notes_version == 1
+    assert f"must return {SECRET}" in git(repo, "show", "HEAD~1:NOTES.md")
+
+
+def test_agent_command_receives_notes_prompt_and_check_output_on_stdin(repo):
+    (repo / "NOTES.md").write_text("Remember: be careful.\n")
+    dump = f"{PYTHON} -c \"import sys, pathlib; pathlib.Path('seen.txt').write_text(sys.stdin.read())\""
+    run_loop(repo, check=CHECK, agent_cmd=dump, max_iterations=1)
+    seen = git(repo, "show", "HEAD:seen.txt")
+    assert "Remember: be careful." in seen and "Make `python check.py` pass" in seen
+    assert f"expected {SECRET}" in seen and "NOTES.md" in seen
+
+
+def test_agent_command_with_a_model_gets_notes_from_update_episodes(repo):
+    guess = f"{PYTHON} -c \"import pathlib; pathlib.Path('calc.py').write_text('def secret():\\n    return 5\\n')\""
+    result = run_loop(repo, check=CHECK, agent_cmd=guess, model=learner(), max_iterations=1)
+    assert result.iterations[0].update_status == "ok"
+    assert f"secret() must return {SECRET}" in (repo / "NOTES.md").read_text()
+
+
+def test_crashing_agent_command_is_a_recorded_failed_iteration(repo):
+    crash = f"{PYTHON} -c \"import sys; print('boom', file=sys.stderr); sys.exit(3)\""
+    result = run_loop(repo, check=CHECK, agent_cmd=crash, max_iterations=1)
+    (info,) = result.iterations
+    assert (info.agent_exit_code, info.check_passed, result.stop_reason) == (3, False, "max_iterations")
+    with Store(result.db) as store:
+        solve = store.episodes("ralph", kind="solve", task_id="iter-1")[0]
+    assert "exited with code 3" in solve.feedback and "boom" in solve.messages[-1]["content"]
+
+
+def test_agent_command_waiting_for_a_terminal_does_not_hang(repo):
+    started = time.monotonic()
+    result = run_loop(repo, check=CHECK, agent_cmd="read line; read again; sleep 0", max_iterations=1)
+    assert result.iterations[0].agent_exit_code is not None
+    assert time.monotonic() - started < 20
+
+
+# ---------------------------------------------------------------- stops, limits and breakers
+def test_max_iterations_stops_the_loop(repo):
+    result = loop(repo, forgetful(), max_iterations=2, max_same_failure=10)
+    assert (result.stop_reason, len(result.iterations)) == ("max_iterations", 2)
+
+
+def test_max_iterations_counts_iterations_of_earlier_runs(repo):
+    loop(repo, forgetful(), max_iterations=2, max_same_failure=10)
+    again = loop(repo, forgetful(), max_iterations=2, max_same_failure=10)
+    assert (again.stop_reason, again.iterations_run, len(again.iterations)) == ("max_iterations", 0, 2)
+
+
+def test_wall_time_limit_cuts_a_running_agent_command(repo):
+    started = time.monotonic()
+    result = run_loop(repo, check=CHECK, agent_cmd="sleep 30", max_minutes=0.02, max_iterations=5)
+    assert result.stop_reason == "max_minutes"
+    assert result.iterations[0].agent_timed_out
+    assert time.monotonic() - started < 15
+
+
+class Chatty(ChatModel):
+    """Lists files forever; every call reports 100 tokens."""
+
+    model_id = "chatty"
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, messages, *, temperature=None, max_new_tokens=None):
+        self.calls += 1
+        if CONTEXT_BEGIN in messages[0]["content"]:
+            return Generation(notes_reply(["listing files"]), prompt_tokens=90, completion_tokens=10)
+        return Generation('{"tool": "list_files", "args": {}}', prompt_tokens=90, completion_tokens=10)
+
+
+def test_token_limit_ends_an_iteration_and_the_loop(repo):
+    model = Chatty()
+    result = loop(repo, model, max_tokens=350, max_turns=30)
+    assert result.stop_reason == "max_tokens"
+    (info,) = result.iterations
+    assert info.turns == 4  # 400 tokens after the 4th call >= 350: no 5th tool call
+    assert result.tokens == 500 and model.calls == 5
+
+
+def test_token_limit_counts_tokens_of_earlier_runs(repo):
+    loop(repo, Chatty(), max_tokens=350)
+    again = loop(repo, Chatty(), max_tokens=350)
+    assert (again.stop_reason, again.iterations_run) == ("max_tokens", 0)
+
+
+def test_turn_limit_ends_an_iteration_and_runs_the_check(repo):
+    result = loop(repo, Chatty(), max_turns=3, max_iterations=1)
+    (info,) = result.iterations
+    assert info.turns == 3 and info.check_passed is False
+    assert "all 3 tool calls" in info.note
+
+
+def test_completion_marker_stops_the_loop_without_passing(repo):
+    model = ScriptedModel(lambda m: "All finished. <promise>COMPLETE</promise>", learn_from_check)
+    result = loop(repo, model)
+    assert (result.stop_reason, result.passed, len(result.iterations)) == ("completion_marker", False, 1)
+
+
+def test_an_agent_command_echoing_its_prompt_does_not_claim_completion(repo):
+    result = run_loop(repo, check=CHECK, agent_cmd="cat", max_iterations=1)
+    assert result.stop_reason == "max_iterations" and not result.iterations[0].completion_marker
+
+
+def test_no_progress_breaker_stops_after_k_idle_iterations(repo):
+    idle = ScriptedModel(lambda m: '{"tool": "done", "args": {}}', learn_from_check)
+    result = loop(repo, idle, max_iterations=10, max_no_progress=2, max_same_failure=10)
+    assert (result.stop_reason, len(result.iterations)) == ("no_progress", 2)
+
+
+def test_notes_changes_alone_are_not_progress(repo):
+    idle = ScriptedModel(lambda m: '{"tool": "done", "args": {}}', lambda m: notes_reply([f"note {time.time_ns()}"]))
+    result = loop(repo, idle, max_iterations=10, max_no_progress=2, max_same_failure=10)
+    assert result.stop_reason == "no_progress"
+
+
+def attempts(messages) -> str:
+    """Changes a file every iteration but never fixes calc.py: same failing output, with progress."""
+    if turn(messages) == 0:
+        return json.dumps({"tool": "write_file", "args": {"path": "attempts.txt", "content": str(time.time_ns())}})
+    return '{"tool": "done", "args": {}}'
+
+
+def test_same_failure_breaker_stops_after_k_identical_failures(repo):
+    result = loop(repo, ScriptedModel(attempts, learn_from_check), max_iterations=10, max_same_failure=3, max_no_progress=10)
+    assert (result.stop_reason, len(result.iterations)) == ("same_failure", 3)
+
+
+def test_same_failure_ignores_durations_in_the_check_output(repo):
+    timed = f"{CHECK}; status=$?; echo \"ran in 0.$(date +%N)s\"; exit $status"
+    result = run_loop(repo, check=timed, model=ScriptedModel(attempts, learn_from_check), max_iterations=10,
+                      max_same_failure=2, max_no_progress=10)
+    assert (result.stop_reason, len(result.iterations)) == ("same_failure", 2)
+
+
+def test_changing_failures_do_not_trip_the_same_failure_breaker(repo):
+    counter = iter(range(100, 200))
+    model = ScriptedModel(lambda m: write_calc(next(counter)) if turn(m) == 0 else '{"tool": "done"}', learn_from_check)
+    result = loop(repo, model, max_iterations=4, max_same_failure=2)
+    assert result.stop_reason == "max_iterations"
+
+
+# ---------------------------------------------------------------- notes edited by a person
+def test_notes_edited_between_runs_are_taken_in_as_a_new_version(repo):
+    loop(repo, forgetful(), max_iterations=1)
+    (repo / "NOTES.md").write_text(f"A person says: secret() must return {SECRET}.\n")
+    result = loop(repo, forgetful(), max_iterations=2)
+    assert (result.stop_reason, len(result.iterations)) == ("check_passed", 2)
+    edits = [v for v in loop_status(repo).notes_history if v.source == "edit"]
+    assert len(edits) == 1 and "A person says" in edits[0].text
+    assert result.iterations[1].context_version == edits[0].version
+
+
+def test_notes_seeded_before_the_first_iteration_are_used(repo):
+    (repo / "NOTES.md").write_text(f"secret() must return {SECRET}\n")
+    git(repo, "add", "NOTES.md")
+    git(repo, "commit", "-qm", "seed notes")
+    result = loop(repo, forgetful())
+    assert (result.stop_reason, len(result.iterations)) == ("check_passed", 1)
+
+
+# ---------------------------------------------------------------- crash and resume
+class Interrupting(ScriptedModel):
+    """A learner that raises KeyboardInterrupt at one call (as Ctrl-C would), once."""
+
+    def __init__(self, when):
+        super().__init__(fix_from_hints, learn_from_check)
+        self.when = when
+
+    def generate(self, messages, *, temperature=None, max_new_tokens=None):
+        if self.when(messages):
+            self.when = lambda m: False
+            raise KeyboardInterrupt
+        return super().generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+
+
+def is_update_of(messages, n: int) -> bool:
+    return CONTEXT_BEGIN in messages[0]["content"] and f"Iteration {n} of" in messages[-1]["content"]
+
+
+def solve_episodes(db: str, task_id: str) -> int:
+    with Store(db) as store:
+        return len(store.episodes("ralph", kind="solve", task_id=task_id))
+
+
+def test_interrupted_before_the_check_resumes_from_the_last_finished_iteration(repo):
+    # iteration 2 writes calc.py, then dies at its second turn: the solve never got stored
+    model = Interrupting(lambda m: "Iteration 2 of" in m[1]["content"] and turn(m) == 1)
+    with pytest.raises(KeyboardInterrupt):
+        loop(repo, model, max_iterations=5)
+    assert json.loads((repo / ".lifecycle-agent" / "ralph-ralph.state.json").read_text())["iteration"] == 2
+    notes_after_1 = loop_status(repo).notes
+    result = loop(repo, learner())
+    assert (result.stop_reason, result.resumed, result.iterations_run) == ("check_passed", 2, 1)
+    assert solve_episodes(result.db, "iter-1") == 1
+    assert result.iterations[1].context_version == result.iterations[0].notes_version
+    assert notes_after_1 == loop_status(repo).notes_history[result.iterations[1].context_version].text
+    assert "partial work of interrupted iteration 2" in git(repo, "stash", "list")
+
+
+def test_interrupted_during_the_update_finishes_it_without_solving_again(repo):
+    with pytest.raises(KeyboardInterrupt):
+        loop(repo, Interrupting(lambda m: is_update_of(m, 1)))
+    assert git(repo, "diff", "HEAD", "--name-only").split() == ["calc.py"]
+    result = loop(repo, learner())
+    assert (result.stop_reason, result.resumed) == ("check_passed", 1)
+    assert solve_episodes(result.db, "iter-1") == 1
+    assert commits(repo)[:2] == ["ralph: iteration 2, check passed", "ralph: iteration 1, check failed"]
+
+
+def test_interrupted_before_the_commit_commits_the_finished_iteration(repo, monkeypatch):
+    real_commit = GitRepo.commit
+
+    def crash_once(self, message):
+        monkeypatch.setattr(GitRepo, "commit", real_commit)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GitRepo, "commit", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        loop(repo, learner())
+    result = loop(repo, learner())
+    assert (result.stop_reason, result.resumed, len(result.iterations)) == ("check_passed", 1, 2)
+    assert solve_episodes(result.db, "iter-1") == 1
+    assert all(i.commit for i in result.iterations)
+
+
+def test_model_error_stops_the_loop_and_a_rerun_redoes_the_iteration(repo):
+    def broken(messages):
+        raise ModelCallError("endpoint down")
+
+    result = loop(repo, ScriptedModel(broken, learn_from_check))
+    assert (result.stop_reason, result.passed) == ("error", False)
+    assert "endpoint down" in result.message
+    again = loop(repo, learner())
+    assert (again.stop_reason, again.resumed, [i.iteration for i in again.iterations if i.finished]) == (
+        "check_passed", 1, [1, 2]
+    )
+
+
+KILL_SCRIPT = """\
+import json, pathlib, re, sys, time
+sys.path.insert(0, {tests!r})
+from lifecycle_agent.models.scripted import ScriptedModel
+from lifecycle_agent.ralph import run_loop
+import test_ralph as t
+
+def solve(messages):
+    if "Iteration 2 of" in messages[1]["content"] and t.turn(messages) == 1:
+        pathlib.Path({ready!r}).write_text("x")
+        time.sleep(60)
+    return t.fix_from_hints(messages)
+
+run_loop({repo!r}, check=t.CHECK, model=ScriptedModel(solve, t.learn_from_check), max_iterations=5)
+"""
+
+
+def test_killed_loop_resumes_with_the_same_notes(repo, tmp_path):
+    ready = tmp_path / "ready"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), ready=str(ready), repo=str(repo))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "the loop never reached iteration 2"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert commits(repo)[0] == "ralph: iteration 1, check failed"
+    assert f"must return {SECRET}" in git(repo, "show", "HEAD:NOTES.md")
+    assert loop_status(repo).in_progress["running"] is False
+    result = loop(repo, learner())
+    assert (result.stop_reason, result.resumed, len(result.iterations)) == ("check_passed", 2, 2)
+    assert solve_episodes(result.db, "iter-1") == 1
+    assert result.iterations[1].context_version == result.iterations[0].notes_version
+
+
+# ---------------------------------------------------------------- safety and bad input
+def test_not_a_git_repository_is_refused(tmp_path):
+    (tmp_path / "PROMPT.md").write_text("task")
+    with pytest.raises(RalphError, match="is not a git repository; run `git init`"):
+        run_loop(tmp_path, check="true", model=learner())
+
+
+def test_a_subdirectory_of_a_repository_is_refused(repo):
+    (repo / "sub").mkdir()
+    with pytest.raises(RalphError, match="is inside the git repository"):
+        run_loop(repo / "sub", check="true", model=learner())
+
+
+def test_missing_prompt_file_is_refused(repo):
+    with pytest.raises(RalphError, match="prompt file TASK.md not found"):
+        loop(repo, learner(), prompt="TASK.md")
+
+
+def test_empty_prompt_file_is_refused(repo):
+    (repo / "PROMPT.md").write_text("  \n")
+    git(repo, "commit", "-qam", "empty prompt")
+    with pytest.raises(RalphError, match="is empty"):
+        loop(repo, learner())
+
+
+def test_missing_check_program_is_refused(repo):
+    with pytest.raises(RalphError, match="program 'no-such-checker' was not found"):
+        run_loop(repo, check="no-such-checker --all", model=learner())
+
+
+def test_check_the_shell_cannot_find_is_refused(repo):
+    with pytest.raises(RalphError, match="the shell could not find the command"):
+        run_loop(repo, check="cd . && no-such-checker", model=learner())
+
+
+def test_missing_agent_program_is_refused(repo):
+    with pytest.raises(RalphError, match="--agent-cmd 'no-such-agent -p': program 'no-such-agent'"):
+        run_loop(repo, check=CHECK, agent_cmd="no-such-agent -p")
+
+
+def test_uncommitted_changes_are_refused(repo):
+    (repo / "calc.py").write_text("def secret():\n    return 3\n")
+    with pytest.raises(RalphError, match=r"uncommitted changes \(calc.py\).*--allow-dirty"):
+        loop(repo, learner())
+    assert solve_episodes_if_any(repo) == 0
+
+
+def solve_episodes_if_any(repo: Path) -> int:
+    db = repo / ".lifecycle-agent" / "ralph.db"
+    if not db.exists():
+        return 0
+    with Store(db) as store:
+        return store.count_episodes("ralph", "solve") if store.has_agent("ralph") else 0
+
+
+def test_allow_dirty_commits_the_changes_in_the_first_iteration(repo):
+    (repo / "extra.txt").write_text("work in progress\n")
+    loop(repo, learner(), allow_dirty=True)
+    assert "extra.txt" in git(repo, "show", "--name-only", "--format=", "HEAD~1")
+
+
+def test_bad_options_name_the_option(repo):
+    with pytest.raises(RalphError, match="max_iterations"):
+        loop(repo, learner(), max_iterations=0)
+    with pytest.raises(RalphError, match="unknown ralph option 'max_iteration'"):
+        run_loop(repo, check=CHECK, model=learner(), max_iteration=3)
+
+
+def test_notes_file_outside_the_repository_is_refused(repo):
+    with pytest.raises(RalphError, match="notes_file"):
+        loop(repo, learner(), notes_file="../NOTES.md")
+
+
+def test_token_limit_without_a_model_is_refused(repo):
+    with pytest.raises(RalphError, match="--max-tokens"):
+        run_loop(repo, check=CHECK, agent_cmd=AGENT, max_tokens=1000)
+
+
+def test_a_second_loop_on_the_same_repository_is_refused(repo):
+    import fcntl
+
+    (repo / ".lifecycle-agent").mkdir()
+    with open(repo / ".lifecycle-agent" / "ralph-ralph.lock", "w") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RalphError, match="another Ralph loop is running"):
+            loop(repo, learner())
+
+
+def test_commits_work_without_a_git_identity(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    result = loop(repo, learner())
+    assert result.passed
+    assert git(repo, "log", "-1", "--format=%ae").strip() == FALLBACK_EMAIL
+
+
+def test_check_timeout_is_a_failed_check(repo):
+    result = run_loop(repo, check=f"{CHECK} && sleep 0 || sleep 30", model=learner(), check_timeout=0.5, max_iterations=1)
+    (info,) = result.iterations
+    assert info.check_timed_out and info.check_passed is False
+
+
+def test_damaged_state_file_is_an_error_naming_it(repo):
+    (repo / ".lifecycle-agent").mkdir()
+    (repo / ".lifecycle-agent" / "ralph-ralph.state.json").write_text("{not json")
+    with pytest.raises(RalphError, match="state file .* is damaged"):
+        loop(repo, learner())
+
+
+def test_tool_agent_cannot_write_outside_the_repository(repo, tmp_path):
+    outside = tmp_path / "outside.txt"
+    escape = json.dumps({"tool": "write_file", "args": {"path": str(outside), "content": "x"}})
+    model = ScriptedModel(lambda m: escape if turn(m) == 0 else '{"tool": "done"}', learn_from_check)
+    loop(repo, model, max_iterations=1)
+    assert not outside.exists()
+    with Store(repo / ".lifecycle-agent" / "ralph.db") as store:
+        solve = store.episodes("ralph", kind="solve")[0]
+    assert "absolute paths are not allowed" in solve.messages[3]["content"]
+
+
+def test_prompt_file_is_re_read_every_iteration(repo):
+    seen = []
+
+    def solve(messages):
+        if turn(messages) == 0:
+            seen.append(messages[1]["content"].split("### Iteration")[0])
+            (repo / "PROMPT.md").write_text(f"Task version {len(seen) + 1}\n")
+        return '{"tool": "done"}'
+
+    loop(repo, ScriptedModel(solve, learn_from_check), max_iterations=2, allow_dirty=True)
+    assert "Make `python check.py` pass" in seen[0] and "Task version 2" in seen[1]
+
+
+def test_python_api_and_options_are_stored_with_the_run(repo):
+    result = loop(repo, learner(), max_iterations=4)
+    with Store(result.db) as store:
+        run = [r for r in store.runs("ralph") if r["run_id"] == result.run_id][0]
+    assert run["status"] == "check_passed" and json.loads(run["options"])["max_iterations"] == 4
+
+
+def test_import_of_the_loop_stays_light():
+    code = "import sys, lifecycle_agent.ralph; print(sorted(m for m in ('torch', 'transformers', 'agentscope') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+
+# ---------------------------------------------------------------- the real SmolLM2 (slow)
+@pytest.mark.slow
+def test_builtin_agent_runs_an_iteration_with_the_real_smollm2(repo):
+    result = loop(repo, "smollm2", max_iterations=1, max_turns=1, max_new_tokens=24, temperature=0.6)
+    (info,) = result.iterations
+    assert result.stop_reason in ("max_iterations", "completion_marker") and not result.passed
+    assert info.finished and info.turns == 1 and info.commit == git(repo, "rev-parse", "HEAD").strip()
+    assert info.update_status in ("ok", "format_miss", "failed") and result.tokens > 0
+    with Store(result.db) as store:
+        solve = store.episodes("ralph", kind="solve", task_id="iter-1")[0]
+    assert solve.model_id == "smollm2" and solve.turns[0]["completion_ids"]

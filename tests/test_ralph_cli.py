@@ -1,0 +1,105 @@
+"""``lifecycle-agent ralph`` and ``lifecycle-agent ralph status`` on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lifecycle_agent.cli import main
+from test_ralph import AGENT, CHECK, PYTHON, SECRET, make_repo
+
+SCRIPTED_AGENT_MODULE = '''\
+import json, re
+from lifecycle_agent import CONTEXT_BEGIN, CONTEXT_END
+from lifecycle_agent.models.scripted import ScriptedModel, hints, section
+
+
+def solve(messages):
+    if sum(1 for m in messages if m["role"] == "assistant"):
+        return '{"tool": "done"}'
+    lesson = re.search(r"must return (\\d+)", hints(messages))
+    code = f"def secret():\\n    return {lesson.group(1) if lesson else 1}\\n"
+    return json.dumps({"tool": "write_file", "args": {"path": "calc.py", "content": code}})
+
+
+def update(messages):
+    seen = re.search(r"expected (\\d+)", section(messages[-1]["content"], "Result"))
+    note = f"secret() must return {seen.group(1)}" if seen else "no lesson"
+    return CONTEXT_BEGIN + "\\n" + note + "\\n" + CONTEXT_END
+
+
+model = ScriptedModel(solve, update)
+'''
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, " ".join(err.split())  # rich wraps long error lines
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_repo(tmp_path / "repo")
+
+
+def test_ralph_with_an_agent_command_exits_0_when_the_check_passes(repo, capsys):
+    code, out, _ = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", CHECK, "--max-iterations", "5")
+    assert code == 0
+    assert "stopped (check_passed)" in out and "iteration 2" in out
+    assert f"secret() must return {SECRET}" in (repo / "NOTES.md").read_text()
+
+
+def test_ralph_with_a_model_spec_runs_the_builtin_agent(repo, capsys, tmp_path, monkeypatch):
+    (tmp_path / "ralph_cli_agent.py").write_text(SCRIPTED_AGENT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = cli(
+        capsys, "ralph", "--repo", str(repo), "--model", "py:ralph_cli_agent:model", "--check", CHECK, "--json",
+    )
+    result = json.loads(out)
+    assert code == 0 and result["stop_reason"] == "check_passed" and len(result["iterations"]) == 2
+
+
+def test_ralph_exits_1_when_a_limit_stops_it(repo, capsys):
+    code, out, _ = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", "true", "--check", CHECK, "-n", "1", "--json")
+    assert code == 1 and json.loads(out)["stop_reason"] == "max_iterations"
+
+
+def test_ralph_status_json_shows_iterations_and_notes_history(repo, capsys):
+    cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", CHECK, "--json")
+    code, out, _ = cli(capsys, "ralph", "status", "--repo", str(repo), "--json")
+    status = json.loads(out)
+    assert code == 0 and status["passed"] is True
+    assert [i["check_passed"] for i in status["iterations"]] == [False, True]
+    assert [v["source"] for v in status["notes_history"]] == ["init", "agent-notes"]
+    assert status["runs"][0]["stop_reason"] == "check_passed"
+
+
+def test_ralph_status_prints_tables(repo, capsys):
+    cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", CHECK, "--json")
+    code, out, _ = cli(capsys, "ralph", "status", "--repo", str(repo))
+    assert code == 0
+    assert "2 iterations" in out and "notes history" in out and "agent-notes" in out and "check_passed" in out
+
+
+def test_ralph_on_a_directory_that_is_not_a_repository_is_an_error(tmp_path, capsys):
+    code, _, err = cli(capsys, "ralph", "--repo", str(tmp_path), "--agent-cmd", AGENT, "--check", CHECK)
+    assert code == 2 and "is not a git repository" in err
+
+
+def test_ralph_without_a_check_is_a_usage_error(repo, capsys):
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT)
+    assert code == 2 and "--check" in err
+
+
+def test_ralph_status_without_a_loop_is_an_error(repo, capsys):
+    code, _, err = cli(capsys, "ralph", "status", "--repo", str(repo))
+    assert code == 2 and "no Ralph loop has run" in err
+
+
+def test_ralph_refuses_a_crashing_check_program_before_starting(repo, capsys):
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", f"{PYTHON}-nope check.py")
+    assert code == 2 and "was not found" in err
+    assert not (repo / ".lifecycle-agent" / "ralph.db").exists()

@@ -1,0 +1,214 @@
+"""The built-in agent's tools: confinement to the repository, the tool-call protocol, command limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lifecycle_agent.ralph import RepoTools, ToolCall, parse_tool_call
+from lifecycle_agent.ralph.shell import CommandResult, fingerprint, missing_program, run_shell, trim
+
+
+@pytest.fixture
+def root(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "src").mkdir()
+    (repo / "src" / "app.py").write_text("def main():\n    return 1\n")
+    (repo / "README.md").write_text("hello\nworld\n")
+    (repo / ".gitignore").write_text("build/\n")
+    (repo / "build").mkdir()
+    (repo / "build" / "out.txt").write_text("generated main\n")
+    (tmp_path / "secret.txt").write_text("password = hunter2\n")
+    return repo
+
+
+@pytest.fixture
+def tools(root):
+    return RepoTools(root, command_timeout=5, output_chars=400)
+
+
+def call(tools: RepoTools, name: str, **args) -> str:
+    return tools.call(ToolCall(name, args))
+
+
+# ---------------------------------------------------------------- confinement
+def test_absolute_path_is_refused(tools, root):
+    assert "absolute paths are not allowed" in call(tools, "read_file", path=str(root / "README.md"))
+
+
+def test_dot_dot_is_refused(tools):
+    assert "'..' is not allowed" in call(tools, "read_file", path="../secret.txt")
+    assert "'..' is not allowed" in call(tools, "write_file", path="src/../../x.txt", content="x")
+
+
+def test_symlinked_file_leading_out_is_refused(tools, root):
+    (root / "link.txt").symlink_to(root.parent / "secret.txt")
+    message = call(tools, "read_file", path="link.txt")
+    assert "leads outside the repository" in message and "hunter2" not in message
+
+
+def test_write_through_a_symlinked_directory_leading_out_is_refused(tools, root):
+    (root / "out").symlink_to(root.parent)
+    assert "leads outside the repository" in call(tools, "write_file", path="out/evil.txt", content="x")
+    assert not (root.parent / "evil.txt").exists()
+
+
+def test_symlink_inside_the_repository_is_allowed(tools, root):
+    (root / "alias.py").symlink_to(root / "src" / "app.py")
+    assert "def main" in call(tools, "read_file", path="alias.py")
+
+
+def test_git_directory_and_loop_state_are_refused(tools, root):
+    (root / ".lifecycle-agent").mkdir()
+    assert ".git/ belongs to git and the loop" in call(tools, "read_file", path=".git/config")
+    assert ".lifecycle-agent/ belongs" in call(tools, "write_file", path=".lifecycle-agent/ralph.db", content="x")
+    assert ".git/ belongs" in call(tools, "write_file", path="./.git/hooks/pre-commit", content="x")
+
+
+def test_search_never_reads_through_a_symlink_leading_out(tools, root):
+    (root / "link.txt").symlink_to(root.parent / "secret.txt")
+    assert call(tools, "search", pattern="hunter2") == "no match for 'hunter2'"
+
+
+# ---------------------------------------------------------------- the tools
+def test_list_files_leaves_out_ignored_files_and_git(tools):
+    listing = call(tools, "list_files").splitlines()
+    assert listing == [".gitignore", "README.md", "src/app.py"]
+
+
+def test_read_file_gives_a_line_range(tools):
+    assert call(tools, "read_file", path="README.md", start=2, end=2) == "README.md (lines 2-2 of 2)\nworld"
+
+
+def test_read_file_refuses_binary_files(tools, root):
+    (root / "blob.bin").write_bytes(b"\0\1\2")
+    assert "binary file" in call(tools, "read_file", path="blob.bin")
+
+
+def test_search_finds_lines_with_file_and_line_number(tools):
+    assert call(tools, "search", pattern="return") == "src/app.py:2: return 1"
+
+
+def test_search_reports_a_bad_regular_expression(tools):
+    assert "invalid regular expression" in call(tools, "search", pattern="(", regex=True)
+
+
+def test_write_file_creates_directories(tools, root):
+    assert call(tools, "write_file", path="pkg/new/mod.py", content="x = 1\n").startswith("wrote pkg/new/mod.py")
+    assert (root / "pkg" / "new" / "mod.py").read_text() == "x = 1\n"
+
+
+def test_edit_file_replaces_one_exact_occurrence(tools, root):
+    assert call(tools, "edit_file", path="src/app.py", old="return 1", new="return 2") == "edited src/app.py"
+    assert "return 2" in (root / "src" / "app.py").read_text()
+
+
+def test_edit_file_refuses_missing_or_ambiguous_text(tools, root):
+    assert "was not found" in call(tools, "edit_file", path="src/app.py", old="return 9", new="x")
+    (root / "twice.txt").write_text("a a")
+    assert "occurs 2 times" in call(tools, "edit_file", path="twice.txt", old="a", new="b")
+
+
+def test_run_command_runs_in_the_repository(tools, root):
+    out = call(tools, "run_command", command="pwd")
+    assert out.splitlines()[1].startswith("passed (exit code 0)") and str(root) in out
+
+
+def test_run_command_times_out(root):
+    tools = RepoTools(root, command_timeout=0.3)
+    started = time.monotonic()
+    assert "timed out after 0.3 s" in call(tools, "run_command", command="sleep 20")
+    assert time.monotonic() - started < 10
+
+
+def test_run_command_is_not_run_after_the_wall_time_limit(root):
+    tools = RepoTools(root, time_left=lambda: 0.0)
+    assert "wall-time limit" in call(tools, "run_command", command="touch ran.txt")
+    assert not (root / "ran.txt").exists()
+
+
+def test_run_command_output_is_trimmed(tools):
+    out = call(tools, "run_command", command=f"{sys.executable} -c \"print('x' * 5000 + 'END')\"")
+    assert len(out) < 600 and out.rstrip().endswith("END") and "characters cut" in out
+
+
+def test_unknown_tool_and_bad_arguments_are_explained(tools):
+    assert "unknown tool 'delete_everything'" in call(tools, "delete_everything")
+    assert "read_file needs 'path'" in call(tools, "read_file")
+    assert "takes no argument 'mode'" in call(tools, "read_file", path="README.md", mode="rb")
+    assert "'start' must be an integer" in call(tools, "read_file", path="README.md", start="first")
+
+
+# ---------------------------------------------------------------- the protocol
+def test_plain_json_tool_call_is_parsed():
+    assert parse_tool_call('{"tool": "read_file", "args": {"path": "a.py"}}') == ToolCall("read_file", {"path": "a.py"})
+
+
+def test_tool_call_in_prose_and_code_fences_is_parsed():
+    reply = 'I will look.\n```json\n{"tool": "search", "args": {"pattern": "x"}}\n```\nThen fix it.'
+    assert parse_tool_call(reply) == ToolCall("search", {"pattern": "x"})
+
+
+def test_function_call_style_with_string_arguments_is_parsed():
+    reply = '{"name": "bash", "arguments": "{\\"cmd\\": \\"ls\\"}"}'
+    assert parse_tool_call(reply) == ToolCall("run_command", {"command": "ls"})
+
+
+def test_top_level_arguments_and_aliases_are_parsed():
+    assert parse_tool_call('{"action": "str_replace", "file_path": "a", "old_str": "x", "new_str": "y"}') == ToolCall(
+        "edit_file", {"path": "a", "old": "x", "new": "y"}
+    )
+
+
+def test_a_bare_done_is_a_tool_call():
+    assert parse_tool_call("DONE.") == ToolCall("done", {})
+
+
+def test_a_reply_without_a_tool_call_gives_none():
+    assert parse_tool_call("I think the bug is in {the parser}.") is None
+    assert parse_tool_call('{"path": "a.py"}') is None
+
+
+# ---------------------------------------------------------------- shell helpers
+def test_trim_keeps_the_start_and_more_of_the_end():
+    text = "A" * 1000 + "Z" * 1000
+    out = trim(text, 400)
+    assert out.startswith("A" * 100) and out.endswith("Z" * 300) and "1600 characters cut" in out
+
+
+def test_fingerprint_ignores_durations_and_addresses():
+    def result(output):
+        return CommandResult("c", 1, output, "", False, 0.1, 10)
+
+    assert fingerprint(result("1 failed in 0.31s at 0x7f3a2b1c9d")) == fingerprint(result("1 failed in 12.5s at 0x7f00aa00bb"))
+    assert fingerprint(result("1 failed in 0.31s")) != fingerprint(result("2 failed in 0.31s"))
+
+
+def test_run_shell_kills_the_whole_process_group_at_the_timeout(tmp_path):
+    marker = tmp_path / "late.txt"
+    result = run_shell(f"(sleep 1; touch {marker}) & sleep 20", tmp_path, timeout=0.3)
+    assert result.timed_out and result.exit_code is None
+    time.sleep(1.5)
+    assert not marker.exists()
+
+
+def test_run_shell_gives_a_command_reading_stdin_an_empty_input(tmp_path):
+    result = run_shell("cat", tmp_path, timeout=10)
+    assert result.passed and result.output == ""
+
+
+def test_missing_program_knows_builtins_paths_and_assignments(tmp_path):
+    assert missing_program("read x; echo", tmp_path) is None
+    assert missing_program("FOO=1 git status", tmp_path) is None
+    assert missing_program("./run-tests.sh", tmp_path) == "./run-tests.sh"
+    script = tmp_path / "run-tests.sh"
+    script.write_text("#!/bin/sh\n")
+    os.chmod(script, 0o755)
+    assert missing_program("./run-tests.sh -q", tmp_path) is None
+    assert missing_program("no-such-tool --x", tmp_path) == "no-such-tool"
