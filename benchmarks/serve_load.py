@@ -73,11 +73,13 @@ async def run_cell(url: str, workload: str, clients: int, agents: int, duration:
     """One workload at one concurrency: ``clients`` loops for ``duration`` seconds."""
     latencies: list[float] = []
     errors: list[str] = []
+    accepted = 0  # feedbacks answered 200, warm-up included: each must have written one context version
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(url, headers={"authorization": f"Bearer {KEY}"}, connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as http:
 
         async def one_pair(agent: str) -> None:
+            nonlocal accepted
             async with http.post("/v1/chat/completions", json={
                     "model": agent, "messages": [{"role": "user", "content": "What is the secret code of the apple?"}]}) as r:
                 body = await r.json()
@@ -89,6 +91,8 @@ async def run_cell(url: str, workload: str, clients: int, agents: int, duration:
                 await r.read()
                 if r.status != 200:
                     errors.append(f"feedback {r.status}: {(await r.text())[:200]}")
+                else:
+                    accepted += 1
 
         async def one_read(agent: str) -> None:
             async with http.get(f"/v1/agents/{agent}/context") as r:
@@ -121,7 +125,7 @@ async def run_cell(url: str, workload: str, clients: int, agents: int, duration:
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 2),
-        "errors": len(errors), "first_errors": errors[:3],
+        "errors": len(errors), "first_errors": errors[:3], "feedbacks_accepted": accepted,
     }
 
 
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULT, help="Where to write the JSON result.")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    load = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: say how busy it was
 
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "bench.db")
@@ -170,6 +175,8 @@ def main() -> None:
         "p99": max(ctx["p99_ms"], pair["p99_ms"]) < TARGETS["p99_ms_at_32"],
         "zero_errors": all(r["errors"] == 0 for r in results),
     }
+    accepted = sum(r["feedbacks_accepted"] for r in results)
+    met["no_lost_update"] = versions == accepted
     report = {
         "benchmark": "serve_load",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -177,6 +184,8 @@ def main() -> None:
                   "transport": "loopback HTTP/1.1 keep-alive, aiohttp clients in a separate process from the server",
                   "server": "lifecycle-agent serve (uvicorn), one API key, JSON request logs on"},
         "results": results,
+        "load_average_at_start": load,
+        "feedbacks_accepted": accepted,
         "context_versions_written": versions,
         "requests_logged": logged,
         "targets_at_32_clients": TARGETS,

@@ -789,3 +789,16 @@ async def test_rollback_to_a_boolean_version_is_400(make_app):
         await new_agent(c)
         r = await c.post("/v1/agents/bot/rollback", json={"version": False})
     assert r.status_code == 400 and error_of(r)["param"] == "version"
+
+
+async def test_shutdown_waits_for_an_episode_whose_client_hung_up(make_app, store):
+    app = make_app(DelayedModel(solve_delay=0.2))
+    async with serving(app) as c:
+        await new_agent(c)
+        request = asyncio.create_task(c.post("/v1/chat/completions", json={
+            "model": "bot", "messages": [{"role": "user", "content": "hi"}]}))
+        await asyncio.sleep(0.05)
+        request.cancel()
+        assert app.state.service.in_flight == 1
+    assert app.state.service.in_flight == 0
+    assert store.count_episodes(store.list_agents()[0].agent_id, "solve") == 1

@@ -161,6 +161,25 @@ def test_openai_client_with_a_bad_request_raises_bad_request(live):
         client(live).chat.completions.create(model="bot", messages=[{"role": "system", "content": "hi"}])
 
 
+def test_50_parallel_feedbacks_over_http_land_as_50_successive_versions(live):
+    create(live)
+    oa = client(live)
+    ids = [oa.chat.completions.create(model="bot", messages=[{"role": "user", "content": APPLE}]).id for _ in range(50)]
+
+    async def rate_all():
+        async with httpx.AsyncClient(base_url=live.url, headers={"authorization": f"Bearer {KEY}"}, timeout=60) as h:
+            return await asyncio.gather(*(
+                h.post("/v1/agents/bot/feedback", json={"completion_id": cid, "reward": 1.0, "feedback": f"Fact {i}."})
+                for i, cid in enumerate(ids)))
+
+    results = asyncio.run(rate_all())
+    with rest(live) as h:
+        history = h.get("/v1/agents/bot/history", params={"limit": 1000}).json()
+    accepted = [r for r in results if r.status_code == 200]
+    assert len(accepted) == 50 and history["total"] - 1 == len(accepted)
+    assert sorted(r.json()["version"] for r in accepted) == list(range(1, 51))
+
+
 # ------------------------------------------------------------------------------------ agentscope
 
 

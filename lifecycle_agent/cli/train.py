@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -86,6 +85,7 @@ def results_table(before: Optional[dict], after: Optional[dict]) -> Optional[Tab
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter (the supported method; required)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: adapter, checkpoints, metrics.jsonl, report.md."),
     env: Optional[str] = typer.Option(None, "--env", "-e", help="Environment(s), comma-separated." + _d("envs")),
@@ -147,7 +147,7 @@ def train_command(
     )
     config = build_config(output, given, resume)
     config.validate()  # cheap checks before torch loads
-    command = "lifecycle-agent " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line(ctx)
     if not as_json:
         err_console.print(f"training {config.model} on {', '.join(config.envs)} -> {output} (loading the trainer ...)")
     from trainer.cod_trainer import last_checkpoint, train
@@ -172,6 +172,24 @@ def train_command(
     if result.report_path:
         console.print(f"report:  {result.report_path}")
     console.print(f"{result.steps} steps in {result.seconds:.0f} s")
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The command as given (the options set on the command line, in their canonical spelling)."""
+    parts = [ctx.command_path]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) != "COMMANDLINE":  # by name: typer may vendor its own click
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            names = param.opts if value or not param.secondary_opts else param.secondary_opts
+            parts.append(names[-1] if names[-1].startswith("--") else names[0])
+            continue
+        option = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            parts += [option, shlex.quote(str(item))]
+    return " ".join(parts)
 
 
 def _adapter_spec(model: str, adapter_dir: str) -> str:

@@ -13,6 +13,7 @@ Importing this package loads FastAPI; ``import lifecycle_agent`` does not.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any, Iterable, Optional
 
@@ -75,4 +76,9 @@ def serve(
         app, host=host, port=port, log_config=None, access_log=False, log_level=log_level,
         timeout_graceful_shutdown=drain_timeout_s, server_header=False,
     )
+    # Everything loaded so far (the model, FastAPI, pydantic schemas) lives as long as the
+    # process: keep it out of the collector's sight, or every full collection pauses all
+    # requests in flight (measured: p99 at 32 clients 190-270 ms without, 160 ms with).
+    gc.collect()
+    gc.freeze()
     uvicorn.Server(config).run()

@@ -19,10 +19,6 @@ from starlette.exceptions import HTTPException
 access_log = logging.getLogger("lifecycle_agent.server.access")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 def too_large(limit: int) -> str:
     return f"request body is over the limit of {limit} bytes; send less or raise the server's --max-body-bytes"
 
@@ -59,8 +55,15 @@ class RequestGuard:
 
         try:
             declared = _content_length(scope)
-            if declared is not None and declared > limit:
-                raise BodyTooLarge()
+            if declared is not None and declared > limit:  # refused before reading a byte of it
+                body = error_body(too_large(limit), "request_too_large")
+                await send_wrapper({
+                    "type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")],
+                })
+                await send_wrapper({"type": "http.response.body", "body": body})
+                return
             received = 0
 
             async def receive_wrapper():
@@ -68,21 +71,11 @@ class RequestGuard:
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
-                    if received > limit:  # FastAPI turns other errors raised while reading into 400
+                    if received > limit:  # an HTTPException: FastAPI turns other errors raised here into 400
                         raise HTTPException(413, too_large(limit))
                 return message
 
             await self.app(scope, receive_wrapper, send_wrapper)
-        except BodyTooLarge:
-            if status["sent"]:
-                raise
-            body = error_body(too_large(limit), "request_too_large")
-            await send_wrapper({
-                "type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")],
-            })
-            await send_wrapper({"type": "http.response.body", "body": body})
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
