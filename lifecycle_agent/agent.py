@@ -680,7 +680,9 @@ class LifecycleAgent:
         """The update episode for a chat episode, given its reward and feedback. Returns a :class:`TaskRecord`.
 
         Raises :class:`KeyError` for an episode of another agent or not a solve episode, and
-        :class:`~lifecycle_agent.errors.FeedbackConflictError` when it was already rated.
+        :class:`~lifecycle_agent.errors.FeedbackConflictError` when it was already rated. When
+        the update itself fails (model error, conflict, cancellation) the rating is released,
+        so the same completion can be rated again.
         """
         from .errors import FeedbackConflictError
 
@@ -694,11 +696,18 @@ class LifecycleAgent:
             raise ValueError(f"reward must be a number or null, got {reward!r}")
         if not self.store.claim_feedback(episode_id, None if reward is None else float(reward), feedback):
             raise FeedbackConflictError(f"episode {episode_id} of agent {self.agent_id!r} already has feedback")
-        record = yield from self.update_flow(
-            row.messages, None if reward is None else float(reward), feedback,
-            task_id=row.task_id or f"episode-{episode_id}", read_version=None,
-            metadata={"solve_episode_id": episode_id},
-        )
+        try:
+            record = yield from self.update_flow(
+                row.messages, None if reward is None else float(reward), feedback,
+                task_id=row.task_id or f"episode-{episode_id}", read_version=None,
+                metadata={"solve_episode_id": episode_id},
+            )
+        except BaseException:
+            self.store.release_feedback(episode_id)
+            raise
+        if record.update_status in ("error", "conflict"):
+            # The update did not happen: the completion may be rated again.
+            self.store.release_feedback(episode_id)
         return record
 
     def __repr__(self) -> str:

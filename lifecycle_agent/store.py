@@ -606,6 +606,19 @@ class Store:
             )
         return True
 
+    def release_feedback(self, episode_id: int) -> None:
+        """Undo :meth:`claim_feedback` when the update it was for did not happen."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT metadata FROM episodes WHERE episode_id = ?", (int(episode_id),)).fetchone()
+            if row is None:
+                return
+            metadata = json.loads(row[0]) if row[0] else {}
+            metadata["awaiting_feedback"] = True
+            conn.execute(
+                "UPDATE episodes SET reward = NULL, feedback = NULL, metadata = ?, completes_task = 0 WHERE episode_id = ?",
+                (json.dumps(metadata, default=str), int(episode_id)),
+            )
+
     def count_episodes(self, agent_id: str, kind: str | None = None) -> int:
         if kind is None:
             rows = self._read("SELECT COUNT(*) AS n FROM episodes WHERE agent_id = ?", (agent_id,))

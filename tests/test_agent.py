@@ -353,3 +353,42 @@ def test_model_call_error_from_adapter_is_recorded_not_raised(make_agent):
 
     record = make_agent(model=fn).run(["a"]).records[0]
     assert record.status == "failed" and "quota exceeded" in record.error
+
+
+def test_chat_then_feedback_updates_context_once(make_agent):
+    from lifecycle_agent.agent import drive
+    from lifecycle_agent.errors import FeedbackConflictError
+
+    agent = make_agent()
+    episode_id, reply = drive(agent.chat_flow([{"role": "user", "content": "code of the apple?"}]), agent.model)
+    record = drive(agent.feedback_flow(episode_id, 0.0, "The secret code of the apple is 12."), agent.model)
+    assert record.new_context_version == 1 and "12" in agent.context
+    with pytest.raises(FeedbackConflictError):
+        drive(agent.feedback_flow(episode_id, 1.0, None), agent.model)
+
+
+def test_feedback_whose_update_failed_is_released_for_a_retry(make_agent):
+    from lifecycle_agent.agent import drive
+
+    state = {"fail": True}
+
+    def fn(messages):
+        if is_update(messages) and state["fail"]:
+            raise ConnectionError("down")
+        return two_step_model()(messages)
+
+    agent = make_agent(model=fn)
+    episode_id, _ = drive(agent.chat_flow([{"role": "user", "content": "hi"}]), agent.model)
+    assert drive(agent.feedback_flow(episode_id, 1.0, "good"), agent.model).update_status == "error"
+    state["fail"] = False
+    assert drive(agent.feedback_flow(episode_id, 1.0, "good"), agent.model).update_status == "ok"
+    assert agent.context_version == 1
+
+
+@pytest.mark.parametrize("messages", [[], [{"content": "no role"}], [{"role": "system", "content": "only system"}]])
+def test_chat_refuses_malformed_messages(make_agent, messages):
+    from lifecycle_agent.agent import drive
+
+    agent = make_agent()
+    with pytest.raises(TaskFormatError):
+        drive(agent.chat_flow(messages), agent.model)

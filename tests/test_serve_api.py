@@ -685,6 +685,32 @@ async def test_model_timeout_on_feedback_is_504_and_the_context_is_unchanged(mak
     assert "update episode timed out" in error_of(r)["message"] and read["version"] == 0
 
 
+class FailsFirstUpdate(ScriptedModel):
+    """Fails the first update episode, then behaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    async def agenerate(self, messages, *, temperature=None, max_new_tokens=None):
+        if is_update(messages) and not self.failed:
+            self.failed = True
+            raise ModelCallError("the endpoint answered 500 three times")
+        return self.generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+
+
+async def test_feedback_whose_update_failed_can_be_sent_again(make_app):
+    async with serving(make_app(FailsFirstUpdate())) as c:
+        await new_agent(c)
+        completion = await ask(c)
+        first = await rate(c, completion["id"])
+        second = await rate(c, completion["id"])
+        third = await rate(c, completion["id"])
+    assert first.status_code == 502 and "send the feedback again" in error_of(first)["message"]
+    assert second.status_code == 200 and second.json()["version"] == 1
+    assert third.status_code == 409
+
+
 async def test_model_failure_on_chat_is_502(make_app):
     async with serving(make_app(BrokenModel())) as c:
         await new_agent(c)

@@ -481,13 +481,14 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             head = head_version(sid)
         if record.update_status == "error":
             what = "timed out" if policy.timed_out else "failed"
-            message = (f"the feedback was recorded, but the update episode {what} ({record.error}); the context "
-                       f"stays at version {head}")
+            message = (f"the update episode {what} ({record.error}); the context stays at version {head} and the "
+                       f"completion was not rated: send the feedback again to retry")
             raise ApiError(504 if policy.timed_out else 502, message,
                            "model_timeout" if policy.timed_out else "model_error", context_version=head)
         if record.update_status == "conflict":
             raise ApiError(409, f"the context of agent {agent_id!r} changed while the update ran (another server "
-                                f"process writes to this database); the feedback was recorded, the update was not",
+                                f"process writes to this database); the update was not applied and the completion was "
+                                f"not rated: send the feedback again to retry",
                            "conflict_error", code="context_conflict", context_version=head)
         return JSONResponse({**_context_view(tenant, version), "completion_id": body.completion_id,
                              "update_status": record.update_status, "update_episode_id": record.update_episode_id,
