@@ -359,6 +359,7 @@ async def aevaluate(
         "seeds": seed_list,
         "modes": mode_names,
         "model_id": chat_model.model_id,
+        "model_default_temperature": chat_model.default_temperature,
         "prompt_set": prompt_set,
         "temperature": temperature,
         "update_temperature": update_temperature,
@@ -472,9 +473,12 @@ def build_report(
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_FORMAT_VERSION,
-        "model": {"id": settings["model_id"]},
+        "model": {"id": settings["model_id"], "default_temperature": settings["model_default_temperature"]},
         "prompt_set": settings["prompt_set"],
-        "settings": {k: v for k, v in settings.items() if k not in ("model_id", "prompt_set", "env_options", "concurrency")},
+        "settings": {
+            k: v for k, v in settings.items()
+            if k not in ("model_id", "model_default_temperature", "prompt_set", "env_options", "concurrency")
+        },
         "environments": {},
         "errors": sorted(errors or [], key=lambda e: (e["env"], e["mode"], e["seed"], e["pack"])),
     }

@@ -483,7 +483,18 @@ def test_frozen_lake_reads_codes_through_format_noise(reply, code):
     assert parse_code(reply) == code
 
 
-@pytest.mark.parametrize("reply", ["", "go left", "Action: 7", "row 2, column 3"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "",
+        "go left",
+        "Action: 7",
+        "row 2, column 3",
+        "You are at row 2, column 2; the goal is at row 3, column 3. 8 turns left. Reply with one action code: 1,",
+        ". . G .\nYou are at row 4, column 3; the goal is at row 3, column 2. 1 turn left.",
+        "Action 3 moved you down.",
+    ],
+)
 def test_frozen_lake_finds_no_code_where_there_is_none(reply):
     from lifecycle_agent.envs.frozen_lake import parse_code
 
@@ -506,6 +517,13 @@ def test_grid_navigation_reads_moves_through_format_noise(reply, cell):
     assert parse_move(reply, (0, 0)) == cell
 
 
+def test_grid_navigation_does_not_read_an_echoed_observation_as_a_move():
+    from lifecycle_agent.envs.grid_navigation import parse_move
+
+    echo = "You are at row 2, column 3; the target is row 5, column 1. 4 moves left."
+    assert parse_move(echo, (1, 2)) is None
+
+
 @pytest.mark.parametrize(
     "reply, pair",
     [
@@ -519,6 +537,13 @@ def test_alchemy_reads_pairs_through_format_noise(reply, pair):
     from lifecycle_agent.envs.alchemy import parse_pair
 
     assert parse_pair(reply, ["ash", "dew", "brine"])[0] == pair
+
+
+@pytest.mark.parametrize("echo", ["You have: ash, dew, brine. Goal: make moss.", "ash + dew: nothing happened."])
+def test_alchemy_does_not_read_an_echoed_observation_as_a_pair(echo):
+    from lifecycle_agent.envs.alchemy import parse_pair
+
+    assert parse_pair(echo, ["ash", "dew", "brine", "moss"])[0] is None
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 from transformers import TrainerCallback  # noqa: E402
 
 from lifecycle_agent.store import Store  # noqa: E402
-from test_trainer_helpers import smollm2_path, tiny_config, tiny_llama  # noqa: E402,F401
+from test_trainer_helpers import one_torch_thread, smollm2_path, tiny_config, tiny_llama  # noqa: E402,F401
 from trainer import cod_trainer  # noqa: E402
 from trainer.cod_trainer import train  # noqa: E402
 from trainer.errors import NonFiniteLossError, OutputDirError  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 
 from lifecycle_agent.cli import main
 from lifecycle_agent.cli.train import build_config, parse_trl_args
-from test_trainer_helpers import smollm2_path, tiny_llama  # noqa: F401
+from test_trainer_helpers import one_torch_thread, smollm2_path, tiny_llama  # noqa: F401
 from trainer.cod_config import CoDConfig
 from trainer.errors import TrainConfigError
 

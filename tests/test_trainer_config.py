@@ -103,7 +103,7 @@ def test_unknown_logger_is_refused():
 
 
 @pytest.mark.parametrize("name, value", [("max_steps", 0), ("learning_rate", -1.0), ("max_new_tokens", 0),
-                                         ("lora_rank", 0), ("clip_low", 1.5), ("lora_dropout", 1.0),
+                                         ("lora_rank", 0), ("clip_low", 1.5), ("eval_packs", 0),
                                          ("learning_rate", float("nan")), ("max_steps", 2.5)])
 def test_out_of_range_numbers_name_the_option(name, value):
     with pytest.raises(TrainConfigError, match=rf"^{name}:"):
@@ -166,3 +166,12 @@ def test_unknown_dtype_and_device_are_refused():
         resolve_precision("cpu", "int8", cuda_available=False, bf16_supported=False)
     with pytest.raises(TrainConfigError, match="device 'tpu'"):
         resolve_precision("tpu", None, cuda_available=False, bf16_supported=False)
+
+
+def test_loggers_that_are_not_installed_are_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb",) else real(name, *a))
+    with pytest.raises(TrainConfigError, match="wandb is not installed"):
+        config(report_to=["wandb"]).validate()

@@ -87,6 +87,21 @@ class TokenScriptedModel(ChatModel):
         return Generation(text, len(prompt), len(completion), prompt, completion, [-0.5] * len(completion))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads' barriers cost more
+    than the work; import this fixture into a module to run its torch code on one thread (restored after)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The converted SmolLM2-135M-Instruct directory (its tokenizer serves the tiny model too)."""

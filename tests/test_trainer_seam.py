@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")
 
-from test_trainer_helpers import smollm2_path, tiny_config, tiny_llama  # noqa: E402,F401
+from test_trainer_helpers import one_torch_thread, smollm2_path, tiny_config, tiny_llama  # noqa: E402,F401
 from trl import GRPOTrainer  # noqa: E402
 
 from trainer import cod_trainer  # noqa: E402

@@ -136,6 +136,23 @@ class HeldOutEval(TrainerCallback):
             handle.write(json.dumps(result) + "\n")
 
 
+class TimeBudget(TrainerCallback):
+    """Stops training after the first step that ends ``minutes`` after the first step began."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started: Optional[float] = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started is not None and time.perf_counter() - self.started >= self.seconds:
+            control.should_training_stop = True
+            control.should_save = True  # the last step becomes a checkpoint, so --resume can go on from it
+
+
 class FiniteGradients(TrainerCallback):
     """Stops training before the optimizer step when a gradient is NaN or infinite (the weights stay good)."""
 

@@ -19,7 +19,7 @@ from .errors import TrainConfigError
 #: Loss types: ``cod`` (the paper's one-sided masked policy gradient) or one of TRL's GRPO losses.
 LOSS_TYPES = ("cod", "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 #: Options that may change when a run is resumed (everything else must match the stored config).
-RESUMABLE = frozenset({"max_steps", "eval_every", "save_steps", "save_total_limit", "report_to", "progress"})
+RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_every", "save_steps", "save_total_limit", "report_to", "progress"})
 #: GRPOConfig fields the CoD trainer sets itself from CoDConfig (or bypasses), refused in ``trl_args``.
 MANAGED_TRL_ARGS = frozenset({
     "output_dir", "max_steps", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -53,6 +53,9 @@ class CoDConfig:
     """Environment preset of training and held-out packs."""
     max_steps: int = 100
     """Optimizer steps. Default 100."""
+    max_minutes: Optional[float] = None
+    """Stop after the first step that ends this many minutes into training (loading and the base evaluation
+    not counted); ``None``: run all ``max_steps``. The pack order does not depend on it."""
     group_size: int = 4
     """G: rollouts per pack, all from the same starting context and pack seed (>= 2). Default 4."""
     pack_size: int = 4
@@ -118,8 +121,6 @@ class CoDConfig:
     """LoRA rank r. Default 16."""
     lora_alpha: int = 32
     """LoRA scaling alpha (the update is scaled by alpha / r). Default 32."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA input. Default 0."""
     lora_target: str = "all-linear"
     """PEFT ``target_modules``: ``all-linear`` or comma-separated module names. Default all-linear."""
 
@@ -219,18 +220,18 @@ class CoDConfig:
             _check_int(self, "save_total_limit", 1)
         for name, low, high in (
             ("temperature", 0.0, None), ("learning_rate", 0.0, None), ("clip_low", 0.0, 1.0), ("clip_high", 0.0, None),
-            ("beta", None, None), ("max_grad_norm", None, None), ("lora_dropout", None, None),
+            ("beta", None, None), ("max_grad_norm", None, None),
             ("parse_failure_reward", None, None),
         ):
             _check_float(self, name, low, high)
         if self.temperature == 0:
             raise bad("temperature", "must be > 0: GRPO learns from sampled rollouts (SmolLM2 works best at 0.5-0.7)")
+        if self.max_minutes is not None:
+            _check_float(self, "max_minutes", 0.0, None)
         if self.eval_temperature is not None:
             _check_float(self, "eval_temperature", 0.0, None)
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
-        if not 0 <= self.lora_dropout < 1:
-            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.beta < 0:
             raise bad("beta", f"must be >= 0, got {self.beta}")
         if self.parse_policy not in ("lenient", "strict"):
@@ -247,6 +248,11 @@ class CoDConfig:
         unknown_loggers = [r for r in self.report_to if r not in ("tensorboard", "wandb")]
         if unknown_loggers:
             raise bad("report_to", f"unknown logger(s) {', '.join(unknown_loggers)}; use tensorboard and/or wandb")
+        import importlib.util
+
+        for logger, modules in (("tensorboard", ("tensorboard", "tensorboardX")), ("wandb", ("wandb",))):
+            if logger in self.report_to and not any(importlib.util.find_spec(m) for m in modules):
+                raise bad("report_to", f"{logger} is not installed: pip install {logger} (metrics.jsonl is always written)")
         managed = sorted(set(self.trl_args) & MANAGED_TRL_ARGS)
         if managed:
             raise bad("trl_args", f"{', '.join(managed)} are set by the trainer's own options; use those instead")

@@ -78,17 +78,14 @@ class CoDTrainer(GRPOTrainer):
             max_batch_size=cod_config.rollout_batch_size or max(local_rollouts, cod_config.eval_packs * len(cod_config.envs)),
             batch_wait_ms=50,
         )
-        self.collector = RolloutCollector(
-            self.policy, rollout_store or Store(":memory:"), self._rollout_settings(),
-            id_prefix=f"train-{uuid.uuid4().hex[:6]}-p{self.accelerator.process_index}", keep=cod_config.keep_rollouts,
+        settings = RolloutSettings(
+            pack_size=cod_config.pack_size, temperature=cod_config.temperature, max_new_tokens=cod_config.max_new_tokens,
+            context_budget=cod_config.context_budget, parse_policy=cod_config.parse_policy,
+            prompt_set=cod_config.prompt_set, parse_failure_reward=cod_config.parse_failure_reward,
         )
-
-    def _rollout_settings(self) -> RolloutSettings:
-        c = self.cod
-        return RolloutSettings(
-            pack_size=c.pack_size, temperature=c.temperature, max_new_tokens=c.max_new_tokens,
-            context_budget=c.context_budget, parse_policy=c.parse_policy, prompt_set=c.prompt_set,
-            parse_failure_reward=c.parse_failure_reward,
+        self.collector = RolloutCollector(
+            self.policy, rollout_store or Store(":memory:"), settings,
+            id_prefix=f"train-{uuid.uuid4().hex[:6]}-p{self.accelerator.process_index}", keep=cod_config.keep_rollouts,
         )
 
     # ------------------------------------------------------------------ the seam: rollouts and credit
@@ -256,7 +253,7 @@ def lora_config(config: CoDConfig):
     target = config.lora_target.strip()
     modules = target if target == "all-linear" else [m.strip() for m in target.split(",") if m.strip()]
     return LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,  # no dropout: rollout and loss see one policy
         target_modules=modules, bias="none", task_type="CAUSAL_LM",
     )
 
@@ -373,8 +370,8 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after ``step`` (they will be written again by the resumed run)."""
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop JSON lines written after ``step`` (the resumed run writes them again)."""
     if not path.is_file():
         return
     kept = []
@@ -431,7 +428,7 @@ def train(
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from transformers.trainer_callback import PrinterCallback
 
-    from .callbacks import FiniteGradients, HeldOutEval, MetricsFile, RewardProgress
+    from .callbacks import FiniteGradients, HeldOutEval, MetricsFile, RewardProgress, TimeBudget
 
     started = time.perf_counter()
     state = PartialState()
@@ -446,7 +443,8 @@ def train(
         checkpoint = prepare_output_dir(config, resume=resume, overwrite=overwrite)
         config.save(out / CONFIG_FILE, versions=_versions(), command=command, device=device, dtype=dtype)
         if checkpoint is not None:
-            _truncate_metrics(out / METRICS_FILE, int(Path(checkpoint).name.split("-")[-1]))
+            for name in (METRICS_FILE, EVAL_HISTORY_FILE):
+                _truncate_after(out / name, int(Path(checkpoint).name.split("-")[-1]))
     state.wait_for_everyone()
     if not state.is_main_process and resume:
         checkpoint = last_checkpoint(out)
@@ -471,6 +469,8 @@ def train(
     trainer.add_callback(FiniteGradients())
     evaluation = HeldOutEval(trainer, out, every=config.eval_every, before=evaluate)
     trainer.add_callback(evaluation)
+    if config.max_minutes is not None:
+        trainer.add_callback(TimeBudget(config.max_minutes))
     for callback in callbacks or []:
         trainer.add_callback(callback)
     try:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from ..errors import EnvironmentSpecError
 from ..tasks import StepResult
 from .base import Environment, EnvTask, Pack
-from .parsing import labelled, nonempty_lines, shorten
+from .parsing import labelled, nonempty_lines, shorten, without
 
 BASE_NAMES = (
     "ash", "brine", "cinder", "dew", "ember", "frost", "grit", "haze", "iron", "jade", "kelp", "loam",
@@ -29,6 +29,13 @@ MADE_NAMES = (
     "skarnite", "wyrdane", "fennox", "lumacite", "brolline", "tazzium", "yllowite", "drunelle", "kravane",
     "noctile", "spirrel", "umberix", "halcyte", "zephrine", "corvalite",
 )
+#: Text of our own observations that a model may echo back; never read as an action.
+_ECHO = (
+    re.compile(r"You have:[^.\n]*\.?", re.IGNORECASE),
+    re.compile(r"Goal: make \w+\.?", re.IGNORECASE),
+    re.compile(r"Reply `?combine <item> \+ <item>`?\.?", re.IGNORECASE),
+    re.compile(r"\b\w+ \+ \w+(?::? nothing happened| made \w+!?| makes \w+, which you already have)\.?", re.IGNORECASE),
+)
 _JOINERS = re.compile(r"\s*(?:\+|&|\band\b|\bwith\b|\bplus\b|,)\s*", re.IGNORECASE)
 
 
@@ -36,8 +43,10 @@ def parse_pair(reply: str, known: list[str]) -> tuple[Optional[tuple[str, str]],
     """The two items a reply combines, and every known item it mentions.
 
     An ``Action:``/``Combine:`` line wins; otherwise the last ``A + B`` / ``A and B`` in the
-    reply; otherwise the first line naming exactly two different known items.
+    reply; otherwise the first line naming exactly two different known items. Echoes of
+    the observation ("You have: ash, dew, ...", "ash + dew: nothing happened") are ignored.
     """
+    reply = without(reply or "", _ECHO)
     names = "|".join(sorted((re.escape(k) for k in known), key=len, reverse=True))
     item = re.compile(rf"\b({names})\b", re.IGNORECASE)
     pair = re.compile(rf"\b({names})\b{_JOINERS.pattern}\b({names})\b", re.IGNORECASE)

@@ -19,13 +19,20 @@ from typing import Any, Optional
 from ..errors import EnvironmentSpecError
 from ..tasks import StepResult
 from .base import Environment, EnvTask, Pack
-from .parsing import labelled, shorten
+from .parsing import labelled, shorten, without
 
 DIRECTIONS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 CODES = ("1", "2", "3", "4")
 
 _POSITION_MENTION = re.compile(r"\b(?:row|column|col|r|c)\s*\d+|\(\s*\d+\s*,\s*\d+\s*\)", re.IGNORECASE)
 _ACTION_WORD = re.compile(r"\b(?:action|code|press(?:ing)?|choose|pick|take|try|use)\s*(?:code)?\s*[:=#]?\s*([1-4])\b", re.IGNORECASE)
+#: Text of our own observations that a model may echo back; never read as an action.
+_ECHO = (
+    re.compile(r"Reply with (?:one|a single) (?:action )?code:?(?:[ \t]*[1-4][ \t]*(?:,|or\b|\.)?)*", re.IGNORECASE),
+    re.compile(r"\b1,\s*2,\s*3,?\s*(?:or|and)\s*4\b"),
+    re.compile(r"\b\d+\s+turns?\b", re.IGNORECASE),
+    re.compile(r"\bAction \d+ (?:moved|would move)[^.\n]*\.?", re.IGNORECASE),
+)
 _CODE = re.compile(r"(?<![\d.])([1-4])(?!\d|\.\d)")
 
 
@@ -34,7 +41,10 @@ def parse_code(reply: str) -> Optional[str]:
 
     An ``Action: N`` (or ``Answer: N``) line wins; then phrases like "I choose 3" or
     "press 2"; then the first stand-alone 1-4 that is not part of a row/column mention.
+    Echoes of the observation ("Reply with one action code: 1, 2, 3 or 4", "7 turns
+    left", "Action 3 moved you down") are ignored.
     """
+    reply = without(reply or "", _ECHO)
     label = labelled(reply)
     if label is not None:
         found = _CODE.search(_POSITION_MENTION.sub(" ", label))

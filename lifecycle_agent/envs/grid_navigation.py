@@ -19,12 +19,19 @@ from typing import Any, Optional
 
 from ..tasks import StepResult
 from .base import Environment, EnvTask, Pack
-from .parsing import labelled, shorten
+from .parsing import labelled, shorten, without
 
 _ROW_COL = re.compile(r"\brow\s*(\d+)\D{0,16}?\bcol(?:umn)?\s*(\d+)", re.IGNORECASE)
 _PAIR = re.compile(r"\(?\s*(\d+)\s*[,;]\s*(\d+)\s*\)?")
 _DIRECTION = re.compile(r"\b(up|down|left|right|north|south|west|east)\b(?:\D{0,12}?(\d+))?", re.IGNORECASE)
 _TWO_INTS = re.compile(r"^\D*(\d+)\s+(\d+)\D*$")
+#: Text of our own observations that a model may echo back; never read as a move.
+_ECHO = (
+    re.compile(r"You are at row \d+, column \d+; the target is row \d+, column \d+\.?", re.IGNORECASE),
+    re.compile(r"You moved to row \d+, column \d+[^.\n]*\.?", re.IGNORECASE),
+    re.compile(r"Reply with the cell to move to[^\n]*", re.IGNORECASE),
+    re.compile(r"\b\d+ moves? left\b", re.IGNORECASE),
+)
 _DELTAS = {"up": (-1, 0), "north": (-1, 0), "down": (1, 0), "south": (1, 0), "left": (0, -1), "west": (0, -1), "right": (0, 1), "east": (0, 1)}
 
 
@@ -33,7 +40,9 @@ def parse_move(reply: str, position: tuple[int, int]) -> Optional[tuple[int, int
 
     Reads ``row R, column C``, ``(R, C)``, ``R,C`` (1-based; an ``Action:``/``Move:`` line wins,
     else the last mention in the reply), or a direction with a distance (``down 3``).
+    Echoes of the observation ("You are at row 2, column 3; the target is ...") are ignored.
     """
+    reply = without(reply or "", _ECHO)
     label = labelled(reply)
     for text in ([label] if label else []) + [reply or ""]:
         for pattern in (_ROW_COL, _PAIR):

@@ -16,6 +16,17 @@ _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 _INLINE_CODE = re.compile(r"`([^`\n]+)`")
 
 
+def without(text: str, patterns: Iterable[re.Pattern]) -> str:
+    """``text`` with every match of ``patterns`` blanked out.
+
+    Small models often echo the observation ("Reply with one action code: 1, 2, 3 or 4"),
+    and an echo is not an action: each environment removes its own boilerplate first.
+    """
+    for pattern in patterns:
+        text = pattern.sub(" ", text)
+    return text
+
+
 def strip_markup(text: str) -> str:
     """``text`` without surrounding markdown emphasis, quotes and trailing punctuation."""
     return text.strip().strip("*_`\"'").strip().rstrip(".;,!").strip()
