@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, AsyncIterable, Callable, Generator, Iterable, Literal, O
 from pydantic import BaseModel, Field
 
 from . import protocol
-from .errors import LifecycleAgentError, ModelCallError, TaskFormatError
+from .errors import AgentNotFoundError, LifecycleAgentError, ModelCallError, TaskFormatError
 from .models.base import ChatModel, Generation
 from .prompts import DEFAULT_PROMPT_SET, get_prompt_set
 from .store import ContextConflictError, ContextVersion, EpisodeRow, Store, check_agent_id
@@ -126,14 +127,19 @@ async def adrive(flow: _Flow, model: ChatModel) -> Any:
 
 
 def _step_result(value: Any, where: str) -> StepResult:
-    if isinstance(value, StepResult):
-        return value
-    if isinstance(value, tuple) and len(value) == 4:
-        obs, reward, done, feedback = value
-        if reward is not None:
-            reward = float(reward)
-        return StepResult(str(obs or ""), reward, bool(done), feedback)
-    raise TaskFormatError(f"{where}: step() returned {type(value).__name__}; expected (observation, reward, done, feedback)")
+    """Validate what a task's ``step()`` (or ``timeout_result()``) returned."""
+    if not (isinstance(value, tuple) and len(value) == 4):
+        raise TaskFormatError(f"{where}: step() returned {type(value).__name__}; expected (observation, reward, done, feedback)")
+    obs, reward, done, feedback = value
+    if obs is not None and not isinstance(obs, str):
+        raise TaskFormatError(f"{where}: step() observation must be a string, got {type(obs).__name__}")
+    if reward is not None:
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise TaskFormatError(f"{where}: step() reward must be a finite number or None, got {reward!r}")
+        reward = float(reward)
+    if feedback is not None and not isinstance(feedback, str):
+        raise TaskFormatError(f"{where}: step() feedback must be a string or None, got {type(feedback).__name__}")
+    return StepResult(obs or "", reward, bool(done), feedback)
 
 
 def _sum(values: list[Optional[int]]) -> Optional[int]:
@@ -164,6 +170,8 @@ class LifecycleAgent:
         update_temperature: of update episodes (``None``: same as ``temperature``).
         max_new_tokens: per model call (``None``: the model's default).
         owner: tenant that owns the agent (used by the server).
+        create: create the agent when it does not exist (default); ``False`` raises
+            :class:`~lifecycle_agent.errors.AgentNotFoundError` instead.
 
     Settings given here are stored with the agent; settings left as ``None`` come from
     the store (or the defaults for a new agent).
@@ -184,6 +192,7 @@ class LifecycleAgent:
         update_temperature: Optional[float] = None,
         max_new_tokens: Optional[int] = None,
         owner: Optional[str] = None,
+        create: bool = True,
     ):
         self.agent_id = check_agent_id(agent_id)
         if context_mode not in ("live", "frozen", "none"):
@@ -208,6 +217,10 @@ class LifecycleAgent:
             self.settings = AgentSettings(**{**stored, **overrides})
             if self.settings.model_dump() != stored:
                 self.store.update_settings(self.agent_id, self.settings.model_dump())
+        elif not create:
+            if self._owns_store:
+                self.store.close()
+            raise AgentNotFoundError(f"no agent {self.agent_id!r} in {self.store.path}")
         else:
             self.settings = AgentSettings(**overrides)
             self.store.create_agent(self.agent_id, self.settings.model_dump(), owner=owner, exist_ok=True)
@@ -362,7 +375,8 @@ class LifecycleAgent:
             for _ in range(max_turns):
                 reply = yield ModelCall(messages, self.temperature, self.max_new_tokens)
                 last_reply = reply.text
-                messages.append({"role": "assistant", "content": reply.text})
+                # Replies go back into later prompts: neutralise any delimiter text in them.
+                messages.append({"role": "assistant", "content": protocol.neutralize(reply.text)})
                 turns.append(reply.turn_record())
                 result = _step_result(task.step(reply.text), where)
                 reward, feedback = result.reward, result.feedback
@@ -502,24 +516,26 @@ class LifecycleAgent:
 
     # ------------------------------------------------------------------ run / arun
     def _plan(self, tasks, resume: bool, update_after_last: bool, limit: Optional[int]):
-        """Walk the stream lazily (one task of look-ahead to know the last one).
+        """Walk the stream lazily, yielding ``(task, position, update, state)``; endless streams work.
 
-        Yields ``(task, position, update, state)``; an endless stream works.
+        Only ``update_after_last=False`` needs to know which task is the last, so only then
+        is the next task drawn before the current one is solved (a live stream is never delayed otherwise).
         """
         stream = iter_tasks(tasks)
         if limit is not None:
             stream = itertools.islice(stream, limit)
+        lookahead = not update_after_last
         current = next(stream, None)
         position = 0
         while current is not None:
-            following = next(stream, None)
-            is_last = following is None
+            following = next(stream, None) if lookahead else None
             update = self.context_mode == "live" or (self.context_mode == "frozen" and position == 0)
-            if is_last and not update_after_last:
+            if lookahead and following is None:
                 update = False
             state = self.store.task_state(self.agent_id, current.id)[0] if resume else "new"
             yield current, position, update, state
-            current, position = following, position + 1
+            current = following if lookahead else next(stream, None)
+            position += 1
 
     def run(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -18,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import sqlite_utils
 from pydantic import BaseModel, Field
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -203,19 +203,38 @@ class Store:
                 raise StoreError(f"cannot open database {self.path}: it is a directory")
             if not os.access(directory, os.W_OK):
                 raise StoreError(f"cannot open database {self.path}: directory {directory} is not writable")
+        self._lock = threading.RLock()
+        self._db = None
         try:
             self.conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from None
+        try:
             self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self._check_and_migrate()  # refuses foreign or newer databases before changing anything
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self.conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
+            self.conn.close()
             raise StoreError(f"cannot open database {self.path}: {exc} (is it an SQLite file?)") from None
-        self.db = sqlite_utils.Database(self.conn)
-        self._lock = threading.RLock()
-        self._migrate()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    @property
+    def db(self):
+        """A ``sqlite_utils.Database`` over this store's connection, for ad-hoc queries and analysis."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
+    def table_names(self) -> list[str]:
+        return [r["name"] for r in self._read("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
 
     # ---------------------------------------------------------------- plumbing
     def close(self) -> None:
@@ -235,6 +254,7 @@ class Store:
             if self.conn.in_transaction:  # nested: join the outer transaction
                 yield self.conn
                 return
+            started = time.monotonic()
             try:
                 for attempt in Retrying(
                     retry=retry_if_exception(_is_locked),
@@ -247,8 +267,9 @@ class Store:
             except sqlite3.OperationalError as exc:
                 if _is_locked(exc):
                     raise StoreLockedError(
-                        f"database {self.path} is locked by another writer for more than "
-                        f"{self.busy_timeout:g} s; retry later or raise busy_timeout"
+                        f"database {self.path} stayed locked by another writer for "
+                        f"{time.monotonic() - started:.1f} s (3 attempts, busy timeout {self.busy_timeout:g} s each); "
+                        "retry later or raise busy_timeout"
                     ) from None
                 raise StoreError(f"cannot write to database {self.path}: {exc}") from None
             try:
@@ -277,16 +298,13 @@ class Store:
             return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
     def schema_version(self) -> int:
-        if "meta" not in self.db.table_names():
+        if "meta" not in self.table_names():
             return 0
         rows = self._read("SELECT value FROM meta WHERE key = 'schema_version'")
         return int(rows[0]["value"]) if rows else 0
 
-    def _migrate(self) -> None:
-        try:
-            current = self.schema_version()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc} (is it an SQLite file?)") from None
+    def _check_and_migrate(self) -> None:
+        current = self.schema_version()
         if current > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"database {self.path} was written by schema version {current}, newer than this "
@@ -294,9 +312,10 @@ class Store:
             )
         if current == SCHEMA_VERSION:
             return
-        if current == 0 and self.db.table_names() and "agents" not in self.db.table_names():
+        tables = self.table_names()
+        if current == 0 and tables and "agents" not in tables:
             raise StoreError(
-                f"database {self.path} holds other tables ({', '.join(self.db.table_names()[:5])}) "
+                f"database {self.path} holds other tables ({', '.join(tables[:5])}) "
                 "and no lifecycle-agent schema; use a separate file"
             )
         with self.transaction() as conn:
@@ -502,10 +521,22 @@ class Store:
                 raise ContextFormatError(
                     f"export version entry {i}: expected an object with 'version': {i} and a string 'text'"
                 )
+            created = v.get("created_at")
+            if created is not None and (
+                isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created) or created < 0
+            ):
+                raise ContextFormatError(f"export version entry {i}: 'created_at' must be a finite number of seconds >= 0")
         new_id = check_agent_id(agent_id or data.get("agent_id"))
         settings = data.get("settings") or {}
         if not isinstance(settings, dict):
             raise ContextFormatError("export 'settings' must be a JSON object")
+        budget = settings.get("context_budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ContextFormatError("export 'settings.context_budget' must be an integer >= 1")
+        if budget is not None and len(versions[-1]["text"]) > budget:
+            raise ContextFormatError(
+                f"export head context is {len(versions[-1]['text'])} characters, over its own budget of {budget}"
+            )
         now = time.time()
         with self.transaction() as conn:
             if conn.execute("SELECT 1 FROM agents WHERE agent_id = ?", (new_id,)).fetchone():
@@ -632,13 +663,17 @@ class Store:
         Returns the stored solve episode with ``solved`` so a resumed run can write the
         missing update without solving the task again.
         """
-        rows = self._read(
-            "SELECT * FROM episodes WHERE agent_id = ? AND task_id = ? ORDER BY episode_id DESC LIMIT 4",
+        done = self._read(
+            "SELECT 1 FROM episodes WHERE agent_id = ? AND task_id = ? AND completes_task = 1 LIMIT 1",
             (agent_id, task_id),
         )
-        if any(r["completes_task"] for r in rows):
+        if done:
             return "done", None
-        solves = [r for r in rows if r["kind"] == "solve" and r["status"] != "failed"]
+        solves = self._read(
+            "SELECT * FROM episodes WHERE agent_id = ? AND task_id = ? AND kind = 'solve' AND status != 'failed'"
+            " ORDER BY episode_id DESC LIMIT 1",
+            (agent_id, task_id),
+        )
         if solves:
             return "solved", _episode_from_row(solves[0])
         return "new", None

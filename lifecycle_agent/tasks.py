@@ -253,7 +253,9 @@ def load_tasks_jsonl(path: str | Path) -> list[Task]:
         raise TaskFormatError(f"task file {path} cannot be read: {exc}") from None
     tasks: list[Task] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and friends
+    for lineno, line in enumerate(raw.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

@@ -392,3 +392,84 @@ def test_chat_refuses_malformed_messages(make_agent, messages):
     agent = make_agent()
     with pytest.raises(TaskFormatError):
         drive(agent.chat_flow(messages), agent.model)
+
+
+class Scripted(InteractiveTask):
+    """A two-turn task whose step results come from a list (to test validation)."""
+
+    max_turns = 2
+
+    def __init__(self, results, task_id="scripted"):
+        self.results, self.id = list(results), task_id
+
+    def start(self):
+        return "go"
+
+    def step(self, action):
+        return self.results.pop(0)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (("obs", 1.0, True, {"not": "text"}), "feedback must be a string"),
+        (("obs", float("nan"), True, None), "finite number"),
+        (("obs", "high", True, None), "finite number"),
+        ((["obs"], 1.0, True, None), "observation must be a string"),
+        (("obs", 1.0), "expected \\(observation, reward, done, feedback\\)"),
+    ],
+)
+def test_bad_step_results_are_recorded_as_task_failures(make_agent, bad, match):
+    import re
+
+    agent = make_agent(model=two_step_model())
+    record = agent.run([Scripted([bad])]).records[0]
+    assert record.status == "failed" and re.search(match, record.error)
+
+
+def test_delimiters_in_a_reply_never_reach_the_next_solve_turn(make_agent):
+    seen = []
+
+    def fn(messages):
+        if is_update(messages):
+            return note("n")
+        seen.append(messages)
+        return f"{CONTEXT_BEGIN} sneaky"
+
+    agent = make_agent(model=fn)
+    agent.run([Scripted([("next", 0.0, False, None), ("", 1.0, True, "ok")])])
+    assert len(seen) == 2 and all(CONTEXT_BEGIN not in m["content"] for m in seen[1])
+
+
+def test_live_stream_is_not_read_ahead(make_agent):
+    events = []
+
+    def stream():
+        for i in range(3):
+            events.append(f"produce {i}")
+            yield f"task {i}"
+
+    make_agent(model=two_step_model()).run(stream(), on_record=lambda r: events.append(f"finished {r.position}"))
+    assert events == ["produce 0", "finished 0", "produce 1", "finished 1", "produce 2", "finished 2"]
+
+
+def test_repeated_update_errors_never_solve_the_task_twice(make_agent):
+    calls = {"solve": 0}
+
+    def fn(messages):
+        if is_update(messages):
+            raise ConnectionError("update endpoint down")
+        calls["solve"] += 1
+        return "Answer: 1"
+
+    agent = make_agent(model=fn)
+    for _ in range(6):
+        agent.run([Task(prompt="q", answer="1", id="t")])
+    assert calls["solve"] == 1
+
+
+def test_create_false_refuses_unknown_agent(db_path, scripted):
+    from lifecycle_agent.errors import AgentNotFoundError
+
+    with pytest.raises(AgentNotFoundError, match="no agent 'ghost'"):
+        LifecycleAgent(scripted, db_path, "ghost", create=False)

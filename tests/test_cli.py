@@ -164,3 +164,26 @@ def test_agents_list_and_delete(cli, populated):
 def test_help_lists_commands(cli):
     code, out, _ = cli("--help")
     assert code == 0 and "run" in out and "context" in out
+
+
+def test_model_text_that_looks_like_markup_is_printed_verbatim(cli, db_path, tmp_path, monkeypatch):
+    helper = tmp_path / "markup_model.py"
+    helper.write_text(
+        "from lifecycle_agent import CONTEXT_BEGIN, CONTEXT_END\n"
+        "from lifecycle_agent.models.scripted import is_update\n"
+        "def fn(messages):\n"
+        "    if is_update(messages):\n"
+        "        return CONTEXT_BEGIN + '\\n[/INST] [bold]note[/bold]\\n' + CONTEXT_END\n"
+        "    return 'Answer: [/INST]'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = cli("run", "--tasks", _one_task(tmp_path), "--model", "py:markup_model:fn", "--db", db_path)
+    assert code == 0 and "[/INST] [bold]note[/bold]" in out
+    code, out, _ = cli("context", "history", "--db", db_path)
+    assert code == 0 and "[/INST]" in out
+
+
+def _one_task(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "answer": "1", "id": "only"}) + "\n")
+    return path

@@ -197,6 +197,25 @@ def test_unknown_mode_is_refused(tmp_path):
         small_eval(tmp_path, modes="live,memory")
 
 
+def test_evaluate_inside_an_event_loop_points_to_aevaluate(tmp_path):
+    import asyncio
+
+    async def inside():
+        return small_eval(tmp_path)
+
+    with pytest.raises(EvalError, match="await aevaluate"):
+        asyncio.run(inside())
+
+
+def test_aevaluate_runs_inside_an_event_loop():
+    import asyncio
+
+    from lifecycle_agent.eval import aevaluate
+
+    report = asyncio.run(aevaluate("fact-recall", ScriptedModel(), packs=1, pack_size=3, modes="live"))
+    assert report["environments"]["fact-recall"]["modes"]["live"]["by_position"] == [0.0, 0.0, 1.0]
+
+
 def test_out_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("not a directory")
     with pytest.raises(EvalError, match="not a directory"):

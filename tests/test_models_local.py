@@ -201,15 +201,23 @@ def test_context_limit(tiny_model):
 # ------------------------------------------------------------------ batching
 
 
+# Batching tests use max_batch_size == number of callers and a long batch_wait_ms: the worker
+# starts as soon as the last caller arrives, so batch composition does not depend on CPU load.
+LONG_WAIT_MS = 20_000
+
+
 def test_concurrent_threads_are_batched(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=8, batch_wait_ms=300, max_batch_size=8)
+    model = LocalModel.from_pretrained(
+        tiny_dir, device="cpu", max_new_tokens=8, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(PROMPTS)
+    )
+    single = LocalModel(model.model, model.tokenizer, max_new_tokens=8, batch_wait_ms=0)
     try:
         sizes = count_generate_calls(monkeypatch, model)
-        solo = [model.generate(p, temperature=0) for p in PROMPTS]
+        solo = [single.generate(p, temperature=0) for p in PROMPTS]
         assert sizes == [1] * len(PROMPTS)
         sizes.clear()
         results = run_threads(lambda p: model.generate(p, temperature=0), [(p,) for p in PROMPTS])
-        assert len(sizes) < len(PROMPTS) and sum(sizes) == len(PROMPTS), sizes
+        assert sizes == [len(PROMPTS)], sizes
         for alone, batched in zip(solo, results):
             assert not isinstance(batched, BaseException), batched
             check_generation(batched, model, 8)
@@ -217,14 +225,15 @@ def test_concurrent_threads_are_batched(monkeypatch, tiny_dir):
             assert batched.prompt_ids == alone.prompt_ids
             assert batched.completion_ids == alone.completion_ids
             assert batched.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
-        assert max(r.extra["batch_size"] for r in results) > 1
-        assert model.stats["largest_batch"] > 1
+        assert all(r.extra["batch_size"] == len(PROMPTS) for r in results)
+        assert model.stats["largest_batch"] == len(PROMPTS)
     finally:
         model.close()
+        single.close()
 
 
 def test_max_batch_size_is_respected(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=3, batch_wait_ms=300, max_batch_size=2)
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=3, batch_wait_ms=50, max_batch_size=2)
     try:
         sizes = count_generate_calls(monkeypatch, model)
         results = run_threads(lambda p: model.generate(p), [(p,) for p in PROMPTS])
@@ -235,10 +244,11 @@ def test_max_batch_size_is_respected(monkeypatch, tiny_dir):
 
 
 def test_mixed_temperatures_and_budgets_in_one_batch(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=300)
+    plans = [(PROMPTS[0], 0.0, 3), (PROMPTS[1], 0.7, 9), (PROMPTS[2], 0.0, 6), (PROMPTS[3], 1.3, 1)]
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(plans))
+    single = LocalModel(model.model, model.tokenizer, batch_wait_ms=0)
     try:
-        plans = [(PROMPTS[0], 0.0, 3), (PROMPTS[1], 0.7, 9), (PROMPTS[2], 0.0, 6), (PROMPTS[3], 1.3, 1)]
-        solo = {i: model.generate(p, temperature=t, max_new_tokens=n) for i, (p, t, n) in enumerate(plans) if t == 0}
+        solo = {i: single.generate(p, temperature=t, max_new_tokens=n) for i, (p, t, n) in enumerate(plans) if t == 0}
         sizes = count_generate_calls(monkeypatch, model)
         results = run_threads(
             lambda p, t, n: model.generate(p, temperature=t, max_new_tokens=n), plans
@@ -254,10 +264,14 @@ def test_mixed_temperatures_and_budgets_in_one_batch(monkeypatch, tiny_dir):
                 assert gen.completion_ids == solo[i].completion_ids
     finally:
         model.close()
+        single.close()
 
 
 def test_async_agenerate_is_batched(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=6, batch_wait_ms=300)
+    model = LocalModel.from_pretrained(
+        tiny_dir, device="cpu", max_new_tokens=6, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(PROMPTS)
+    )
+    pair = LocalModel(model.model, model.tokenizer, max_new_tokens=6, batch_wait_ms=LONG_WAIT_MS, max_batch_size=2)
     try:
         sizes = count_generate_calls(monkeypatch, model)
 
@@ -265,26 +279,28 @@ def test_async_agenerate_is_batched(monkeypatch, tiny_dir):
             return await asyncio.gather(*(model.agenerate(p, temperature=0) for p in PROMPTS))
 
         results = asyncio.run(main())
-        assert len(sizes) < len(PROMPTS) and sum(sizes) == len(PROMPTS)
+        assert sizes == [len(PROMPTS)]
         for gen in results:
             check_generation(gen, model, 6)
         # sync and async callers share the batches
         loop_results = []
 
         async def one():
-            loop_results.append(await model.agenerate(HELLO, temperature=0))
+            loop_results.append(await pair.agenerate(HELLO, temperature=0))
 
         thread_result = run_threads(
-            lambda kind: asyncio.run(one()) if kind == "async" else model.generate(HELLO, temperature=0),
+            lambda kind: asyncio.run(one()) if kind == "async" else pair.generate(HELLO, temperature=0),
             [("async",), ("sync",)],
         )[1]
         assert thread_result.completion_ids == loop_results[0].completion_ids
+        assert thread_result.extra["batch_size"] == loop_results[0].extra["batch_size"] == 2
     finally:
         model.close()
+        pair.close()
 
 
 def test_worker_errors_reach_every_waiter(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=4, batch_wait_ms=300)
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=4, batch_wait_ms=50)
     try:
         original = model.model.generate
         calls = []
@@ -357,7 +373,8 @@ def test_close_is_idempotent_and_stops_the_worker(tiny_dir):
 
 
 def test_shared_views_batch_together_and_close_separately(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=4, batch_wait_ms=300)
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=4, batch_wait_ms=LONG_WAIT_MS,
+                                       max_batch_size=2)
     greedy = model.share(default_temperature=0, max_new_tokens=3, model_id="hf:tiny-greedy")
     assert greedy.model is model.model and greedy.model_id == "hf:tiny-greedy"
     sizes = count_generate_calls(monkeypatch, model)
@@ -365,7 +382,8 @@ def test_shared_views_batch_together_and_close_separately(monkeypatch, tiny_dir)
     assert sizes == [2]
     assert a.completion_tokens <= 4 and b.completion_tokens <= 3 and b.extra["temperature"] == 0.0
     model.close()
-    check_generation(greedy.generate(HELLO), greedy, 3)  # the other view still works
+    for gen in run_threads(lambda: greedy.generate(HELLO), [(), ()]):  # the other view still works
+        check_generation(gen, greedy, 3)
     greedy.close()
     with pytest.raises(ModelCallError):
         greedy.share()
@@ -650,7 +668,7 @@ def test_smollm2_loads_from_cache_and_replies(smollm2_dir):
 def test_smollm2_concurrent_sampled_replies(smollm2_dir):
     from lifecycle_agent.models import smollm2
 
-    model = smollm2.load_smollm2(device="cpu", max_new_tokens=16, batch_wait_ms=200)
+    model = smollm2.load_smollm2(device="cpu", max_new_tokens=16, batch_wait_ms=LONG_WAIT_MS, max_batch_size=4)
     try:
         question = [{"role": "user", "content": "Name one fruit."}]
         results = run_threads(lambda: model.generate(question), [()] * 4, timeout=120)
@@ -658,7 +676,7 @@ def test_smollm2_concurrent_sampled_replies(smollm2_dir):
             assert not isinstance(gen, BaseException), gen
             check_generation(gen, model, 16)
             assert gen.extra["temperature"] == pytest.approx(0.6)
-        assert model.stats["largest_batch"] > 1
+        assert model.stats["largest_batch"] == 4
     finally:
         model.close()
         smollm2.clear_process_cache()

@@ -240,3 +240,36 @@ def test_task_lookup_uses_its_index_so_cost_stays_flat_as_the_agent_ages(store):
         ("a1", "t"),
     ).fetchall()
     assert "idx_episodes_agent_task (agent_id=? AND task_id=?)" in str(plan)
+
+
+@pytest.mark.parametrize("setup", ["foreign", "newer"])
+def test_refused_database_is_left_untouched(tmp_path, setup):
+    path = tmp_path / "x.db"
+    conn = sqlite3.connect(path)
+    if setup == "foreign":
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    else:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("CREATE TABLE agents (agent_id TEXT)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '99')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError):
+        Store(str(path))
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not (tmp_path / "x.db-wal").exists()
+
+
+@pytest.mark.parametrize("created_at", [float("nan"), float("inf"), -1, "yesterday"])
+def test_import_refuses_bad_timestamps(store, created_at):
+    data = store.export_agent("a1")
+    data["versions"][0]["created_at"] = created_at
+    with pytest.raises(ContextFormatError, match="created_at"):
+        store.import_agent(data, "new")
+
+
+def test_import_refuses_head_over_its_own_budget(store):
+    data = store.export_agent("a1")
+    data["versions"][0]["text"] = "x " * 100
+    with pytest.raises(ContextFormatError, match="over its own budget of 100"):
+        store.import_agent(data, "new")

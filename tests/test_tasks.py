@@ -139,3 +139,9 @@ def test_load_jsonl_missing_file_and_empty_file(tmp_path):
         load_tasks_jsonl(tmp_path / "nope.jsonl")
     with pytest.raises(TaskFormatError, match="holds no tasks"):
         load_tasks_jsonl(_write(tmp_path, [""]))
+
+
+def test_load_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b", "id": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_tasks_jsonl(path)[0].prompt == "a\u2028b"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ContextFormatError
@@ -60,8 +61,8 @@ def history(db: str = DB_OPTION, agent: str = AGENT_OPTION, as_json: bool = JSON
         preview = v.text.replace("\n", " ")
         table.add_row(
             str(v.version), _when(v.created_at), v.source, str(len(v.text)),
-            "" if v.episode_id is None else str(v.episode_id), v.note or "",
-            (preview[:50] + "...") if len(preview) > 50 else preview,
+            "" if v.episode_id is None else str(v.episode_id), escape(v.note or ""),
+            escape((preview[:50] + "...") if len(preview) > 50 else preview),
         )
     console.print(table)
 

@@ -9,7 +9,9 @@ from typing import Optional
 import typer
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..agent import LifecycleAgent, RunResult, TaskRecord
 from ..errors import TaskFormatError
@@ -35,8 +37,9 @@ def build_tasks(tasks_file: Optional[Path], env: Optional[str], preset: str, see
 
 
 def _short(text: Optional[str], width: int = 40) -> str:
+    """A one-line, markup-safe preview (model text may contain ``[...]`` that rich would parse)."""
     text = (text or "").replace("\n", " ").strip()
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return escape(text if len(text) <= width else text[: width - 3] + "...")
 
 
 def summary_table(result: RunResult) -> Table:
@@ -121,7 +124,9 @@ def run(
                 else f"context v{record.new_context_version if record.new_context_version is not None else record.context_version}"
                 f" · update {record.update_status or '-'}"
             )
-            progress.console.print(Panel(body, title=title, subtitle=subtitle, title_align="left", subtitle_align="right"))
+            progress.console.print(
+                Panel(Text(body or ""), title=title, subtitle=subtitle, title_align="left", subtitle_align="right")
+            )
 
     with progress:
         bar = progress.add_task(f"agent {agent}", total=len(task_list), status="")
@@ -131,9 +136,9 @@ def run(
         console.print(f"{len(result.skipped)} task(s) already completed by agent {agent}: skipped (use --no-resume to solve them again)")
     console.print(summary_table(result))
     console.print(f"final context (version {lifecycle.context_version}, {time.perf_counter() - started:.1f} s):")
-    console.print(Panel(lifecycle.context or "(empty)"), markup=False)
+    console.print(Panel(Text(lifecycle.context or "(empty)")))
     if result.stopped:
-        err_console.print(f"[red]stopped:[/] {result.stopped}")
+        err_console.print(f"[red]stopped:[/] {escape(result.stopped)}")
     raise typer.Exit(1 if result.failed else 0)
 
 
