@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -41,6 +42,8 @@ def command(args: argparse.Namespace) -> list[str]:
     ]
     if args.minutes:
         cmd += ["--max-minutes", str(args.minutes)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     return cmd
 
 
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--eval-packs", type=int, default=16)
     parser.add_argument("--output", type=Path, default=HERE.parent / "runs" / "learning-check")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one per core; 1 on a shared CPU)")
     parser.add_argument("--dry-run", action="store_true", help="2 steps and 2 held-out packs, no time budget")
     parser.add_argument("--update-docs", action="store_true", help=f"write the results between the markers in {DOCS}")
     args = parser.parse_args()
@@ -147,7 +151,7 @@ def main() -> None:
         "command": printable,
         "dry_run": args.dry_run,
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}",
         "wall_seconds": round(wall, 1),
         "summary": {k: summary[k] for k in ("steps", "train_seconds", "seconds_per_step")},
         "held_out": summary["held_out"],

@@ -208,6 +208,8 @@ def worker(args) -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_llama:
             path = str(build_random_llama(args.random_llama, Path(tmp) / "model"))
@@ -230,6 +232,8 @@ def worker_argv(args, which: str) -> list[str]:
         argv += ["--random-llama", args.random_llama]
     if args.device:
         argv += ["--device", args.device]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
     return argv
 
 
@@ -244,6 +248,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch CPU threads for both trainers (default: one per core)")
     parser.add_argument("--which", choices=["both", "ours", "stock"], default="both")
     parser.add_argument("--out", default=str(HERE / "results" / "train_throughput.json"))
     parser.add_argument("--worker", choices=["ours", "stock"], help=argparse.SUPPRESS)
@@ -271,7 +276,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}",
         "shape": {"group_size": args.group_size, "pack_size": args.pack_size, "packs_per_step": args.packs_per_step,
                   "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "lora_rank": args.lora_rank,
-                  "timed_steps": args.steps},
+                  "timed_steps": args.steps, "threads": args.threads},
         "results": results,
     }
     if "ours" in results and "stock" in results:

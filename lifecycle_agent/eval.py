@@ -609,7 +609,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"Model `{report['model']['id']}`, prompt set `{report['prompt_set']}`, preset `{s['preset']}`, "
         f"{s['packs']} pack(s) x seeds {', '.join(map(str, s['seeds']))}, pack size {s['pack_size']}, "
-        f"temperature {s['temperature'] if s['temperature'] is not None else 'model default'}.",
+        f"temperature {s['temperature'] if s['temperature'] is not None else 'model default'}, "
+        f"max_new_tokens {s['max_new_tokens'] if s['max_new_tokens'] is not None else 'model default'}.",
         "",
         "Cells: mean reward ± half-width of the 95% confidence interval over packs and seeds. "
         "gain = last position minus first; AUC = area under the curve / (S - 1); forget = largest drop "

@@ -153,6 +153,25 @@ def test_logprobs_are_the_sampling_distribution(tiny_model, temperature):
         assert logits[p - 1 : p - 1 + gen.completion_tokens].argmax(-1).tolist() == gen.completion_ids
 
 
+def test_train_mode_model_generates_without_dropout(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attention_dropout=0.5)
+    model.train()
+    model.model.norm.eval()  # a mixed state must come back exactly
+    local = LocalModel(model, tokenizer, default_temperature=0, max_new_tokens=8)
+    try:
+        a, b = local.generate(HELLO), local.generate(HELLO)
+        assert model.training and not model.model.norm.training and model.model.layers[0].training
+        model.eval()
+        expected = teacher_forced_logprobs(model, a.prompt_ids, a.completion_ids, 1.0)
+        assert a.completion_ids == b.completion_ids
+        assert a.logprobs == pytest.approx(expected, abs=1e-4)
+    finally:
+        local.close()
+
+
 def test_stop_finish_reason_includes_eos(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

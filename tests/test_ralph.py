@@ -7,6 +7,7 @@ what their notes say, so a green loop proves the notes carried the lesson over.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -279,6 +280,41 @@ def test_wall_time_limit_cuts_a_running_agent_command(repo):
     assert time.monotonic() - started < 15
 
 
+def test_wall_time_limit_cuts_the_check_after_an_iteration(repo):
+    slow_check = "test -f slow.txt && sleep 30; exit 1"  # fast before the iteration, slow after it
+
+    def solve(messages):
+        return json.dumps({"tool": "write_file", "args": {"path": "slow.txt", "content": "x"}}) if turn(messages) == 0 \
+            else '{"tool": "done"}'
+
+    started = time.monotonic()
+    result = run_loop(repo, check=slow_check, model=ScriptedModel(solve, learn_from_check), max_minutes=0.05,
+                      max_iterations=5)
+    elapsed = time.monotonic() - started
+    (info,) = result.iterations
+    assert result.stop_reason == "max_minutes"
+    assert info.check_timed_out and "stopped after" in info.note and "wall-time limit" in info.note
+    assert elapsed < 3 + 2 + 6  # the limit, the check's grace, SIGTERM/SIGKILL waits at most
+
+
+def test_a_tool_call_returned_after_the_wall_time_limit_is_not_carried_out(repo):
+    def slow_fix(messages):
+        time.sleep(1.5)  # past the 1.2 s limit
+        return write_calc(SECRET)
+
+    result = run_loop(repo, check=CHECK, model=ScriptedModel(slow_fix, learn_from_check), max_minutes=0.02)
+    (info,) = result.iterations
+    assert (result.stop_reason, info.check_passed, info.tool_calls) == ("max_minutes", False, 0)
+    assert "wall-time limit" in info.note
+
+
+def test_wall_time_limit_cuts_the_check_before_the_first_iteration(repo):
+    started = time.monotonic()
+    result = run_loop(repo, check="sleep 30; exit 1", model=learner(), max_minutes=0.02, max_iterations=5)
+    assert (result.stop_reason, result.iterations) == ("max_minutes", [])
+    assert time.monotonic() - started < 1.2 + 2 + 6
+
+
 class Chatty(ChatModel):
     """Lists files forever; every call reports 100 tokens."""
 
@@ -374,6 +410,34 @@ def test_notes_edited_between_runs_are_taken_in_as_a_new_version(repo):
     edits = [v for v in loop_status(repo).notes_history if v.source == "edit"]
     assert len(edits) == 1 and "A person says" in edits[0].text
     assert result.iterations[1].context_version == edits[0].version
+
+
+LINK_NOTES_OUT = "ln -sf {target} NOTES.md; echo linked"
+
+
+@pytest.mark.parametrize("with_model", [False, True], ids=["agent-notes", "update-notes"])
+def test_notes_file_turned_into_a_symlink_leading_out_is_neither_read_nor_written(repo, tmp_path, with_model):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("private text\n")
+    result = run_loop(repo, check=CHECK, agent_cmd=LINK_NOTES_OUT.format(target=shlex.quote(str(outside))),
+                      model=learner() if with_model else None, max_iterations=3)
+    assert result.stop_reason == "error" and "leads outside the repository through a symlink" in result.message
+    assert outside.read_text() == "private text\n"
+    assert "private text" not in result.notes
+    with Store(result.db) as store:
+        assert all("private text" not in v.text for v in store.history("ralph"))
+        assert [r["status"] for r in store.runs("ralph")] == ["error"]
+
+
+def test_loop_goes_on_once_the_symlinked_notes_file_is_removed(repo, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("private text\n")
+    link_once = f"{AGENT}; test -e linked.txt || {{ touch linked.txt; ln -sf {shlex.quote(str(outside))} NOTES.md; }}"
+    assert run_loop(repo, check=CHECK, agent_cmd=link_once, max_iterations=5).stop_reason == "error"
+    (repo / "NOTES.md").unlink()
+    again = run_loop(repo, check=CHECK, agent_cmd=link_once, max_iterations=5)
+    assert again.resumed == 1 and again.passed
+    assert outside.read_text() == "private text\n"
 
 
 def test_notes_seeded_before_the_first_iteration_are_used(repo):
@@ -613,6 +677,30 @@ def test_damaged_state_file_is_an_error_naming_it(repo):
         loop(repo, learner())
 
 
+BAD_ARGUMENTS = [
+    '{"tool": "read_file", "args": {"path": "calc.py", "start": 1e999}}',
+    '{"tool": "read_file", "args": {"path": "calc\\u0000.py"}}',
+    '{"tool": "run_command", "args": {"command": "echo hi", "timeout": NaN}}',
+]
+
+
+def test_bad_tool_arguments_come_back_to_the_agent_and_the_iteration_goes_on(repo):
+    def solve(messages):
+        n = turn(messages)
+        if n < len(BAD_ARGUMENTS):
+            return BAD_ARGUMENTS[n]
+        return write_calc(1) if n == len(BAD_ARGUMENTS) else '{"tool": "done"}'
+
+    result = loop(repo, ScriptedModel(solve, learn_from_check), max_iterations=1)
+    (info,) = result.iterations
+    assert result.stop_reason == "max_iterations" and info.status == "ok"
+    assert info.turns == len(BAD_ARGUMENTS) + 2 and info.check_verdict == "failed (exit code 1)"
+    with Store(result.db) as store:
+        solve_episode = store.episodes("ralph", kind="solve")[0]
+    errors = [m["content"] for m in solve_episode.messages if m["role"] == "user"][1:1 + len(BAD_ARGUMENTS)]
+    assert ["'start' must be" in errors[0], "NUL character" in errors[1], "'timeout' must be" in errors[2]] == [True] * 3
+
+
 def test_tool_agent_cannot_write_outside_the_repository(repo, tmp_path):
     outside = tmp_path / "outside.txt"
     escape = json.dumps({"tool": "write_file", "args": {"path": str(outside), "content": "x"}})
@@ -642,6 +730,55 @@ def test_python_api_and_options_are_stored_with_the_run(repo):
     with Store(result.db) as store:
         run = [r for r in store.runs("ralph") if r["run_id"] == result.run_id][0]
     assert run["status"] == "check_passed" and json.loads(run["options"])["max_iterations"] == 4
+
+
+MARKUP = "[/INST] [bold]"
+MARKUP_AGENT = f"""\
+import pathlib
+pathlib.Path("NOTES.md").write_text("Lesson {MARKUP}\\n")
+pathlib.Path("[red]made.txt").write_text("x")
+print("{MARKUP}")
+"""
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    from rich.console import Console
+
+    import lifecycle_agent.cli.ralph as cli_ralph
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_ralph, "console", Console(file=out, width=400, color_system=None))
+    return out
+
+
+def run_cli(*args: str) -> int:
+    from lifecycle_agent.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
+
+
+def test_cli_prints_text_from_the_agent_and_the_check_as_it_is_not_as_markup(wide_console, tmp_path):
+    repo = make_repo(tmp_path / "repo", extra={"markup_agent.py": MARKUP_AGENT})
+    code = run_cli("ralph", "--repo", str(repo), "--agent-cmd", f"{PYTHON} markup_agent.py",
+                   "--check", f"echo '{MARKUP} check'; exit 1", "--max-iterations", "1")
+    out = wide_console.getvalue()
+    assert code == 1
+    assert f"{MARKUP} check" in out  # the last check line
+    assert f"Lesson {MARKUP}" in out  # the notes
+    assert "[red]made.txt" in out  # a file the agent created
+
+
+def test_cli_status_prints_notes_and_check_output_as_they_are(wide_console, tmp_path):
+    repo = make_repo(tmp_path / "repo", extra={"markup_agent.py": MARKUP_AGENT})
+    run_cli("ralph", "--repo", str(repo), "--agent-cmd", f"{PYTHON} markup_agent.py",
+            "--check", f"echo '{MARKUP} check'; exit 1", "--max-iterations", "1", "--json")
+    wide_console.truncate(0)
+    run_cli("ralph", "status", "--repo", str(repo))
+    out = wide_console.getvalue()
+    assert f"{MARKUP} check" in out and f"Lesson {MARKUP}" in out
 
 
 def test_import_of_the_loop_stays_light():

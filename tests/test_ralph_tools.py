@@ -145,6 +145,40 @@ def test_unknown_tool_and_bad_arguments_are_explained(tools):
     assert "'start' must be an integer" in call(tools, "read_file", path="README.md", start="first")
 
 
+@pytest.mark.parametrize("reply, param", [
+    ('{"tool": "read_file", "args": {"path": "README.md", "start": 1e999}}', "start"),
+    ('{"tool": "read_file", "args": {"path": "README.md", "end": -Infinity}}', "end"),
+    ('{"tool": "read_file", "args": {"path": "README.md", "start": NaN}}', "start"),
+    ('{"tool": "read_file", "args": {"path": "README.md", "start": "inf"}}', "start"),
+    ('{"tool": "run_command", "args": {"command": "echo hi", "timeout": NaN}}', "timeout"),
+    ('{"tool": "run_command", "args": {"command": "echo hi", "timeout": 1e999}}', "timeout"),
+    ('{"tool": "run_command", "args": {"command": "echo hi", "timeout": %d}}' % 10**400, "timeout"),
+])
+def test_a_number_that_is_not_finite_is_a_tool_error(tools, reply, param):
+    message = tools.call(parse_tool_call(reply))
+    assert message.startswith("error:") and f"{param!r} must be" in message
+
+
+@pytest.mark.parametrize("name, args", [
+    ("read_file", {"path": "README.md\0x"}),
+    ("write_file", {"path": "new\0.txt", "content": "x"}),
+    ("list_files", {"path": "src\0"}),
+    ("search", {"pattern": "main", "path": "src\0"}),
+])
+def test_a_path_holding_a_nul_character_is_refused(tools, root, name, args):
+    assert "NUL character" in call(tools, name, **args)
+    assert not (root / "new").exists()
+
+
+def test_a_run_command_timeout_of_zero_or_less_is_refused(tools):
+    assert "timeout must be a number of seconds > 0" in call(tools, "run_command", command="echo hi", timeout=-1)
+
+
+def test_an_argument_the_tool_cannot_use_comes_back_as_an_error(tools):
+    message = call(tools, "run_command", command="echo a\0b")
+    assert message.startswith("error: run_command failed:") and "null byte" in message
+
+
 # ---------------------------------------------------------------- the protocol
 def test_plain_json_tool_call_is_parsed():
     assert parse_tool_call('{"tool": "read_file", "args": {"path": "a.py"}}') == ToolCall("read_file", {"path": "a.py"})

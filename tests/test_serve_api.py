@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -13,7 +15,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from lifecycle_agent import CONTEXT_BEGIN, CONTEXT_END  # noqa: E402
-from lifecycle_agent.errors import ModelCallError  # noqa: E402
+from lifecycle_agent.errors import AgentNotFoundError, ModelCallError  # noqa: E402
 from lifecycle_agent.models.scripted import ScriptedModel, is_update  # noqa: E402
 from lifecycle_agent.server import create_app  # noqa: E402
 from lifecycle_agent.store import Store  # noqa: E402
@@ -230,6 +232,27 @@ async def test_import_with_invalid_settings_is_400(make_app, store):
     async with serving(make_app()) as c:
         r = await c.post("/v1/imports", json=doc)
     assert r.status_code == 400 and error_of(r)["param"] == "settings"
+    assert store.list_agents() == []
+
+
+@pytest.mark.parametrize("created_at", ["NaN", "Infinity", "-Infinity", "1e999", "-1"])
+async def test_import_with_a_created_at_not_finite_or_negative_is_400_and_stores_nothing(make_app, store, created_at):
+    body = ('{"format": "lifecycle-agent/agent-export", "format_version": 1, "agent_id": "when", '
+            '"versions": [{"version": 0, "text": "hi", "created_at": %s}]}' % created_at)
+    async with serving(make_app()) as c:
+        r = await c.post("/v1/imports", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["param"] == "versions[0].created_at"
+    assert store.list_agents() == []
+
+
+@pytest.mark.parametrize("settings, budget", [({"context_budget": 5}, 5), ({}, 2000)])
+async def test_import_whose_head_context_is_over_its_budget_is_400_and_stores_nothing(make_app, store, settings, budget):
+    doc = {"format": "lifecycle-agent/agent-export", "format_version": 1, "agent_id": "big", "settings": settings,
+           "versions": [{"version": 0, "text": "short"}, {"version": 1, "text": "word " * 500}]}
+    async with serving(make_app()) as c:
+        r = await c.post("/v1/imports", json=doc)
+    assert r.status_code == 400 and error_of(r)["param"] == "versions[1].text"
+    assert f"context budget of {budget}" in error_of(r)["message"]
     assert store.list_agents() == []
 
 
@@ -765,6 +788,88 @@ async def test_rollback_waits_for_a_running_update(make_app):
         fb = await feedback
     assert fb.status_code == 200 and fb.json()["version"] == 1
     assert rollback.json()["version"] == 2 and rollback.json()["text"] == ""
+
+
+async def until(condition, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        await asyncio.sleep(0.005)
+
+
+def queued(lock) -> int:
+    """Requests waiting for an agent's update lock."""
+    return len(lock._waiters or ())
+
+
+async def test_feedback_queued_behind_a_delete_is_404_and_does_not_bring_the_agent_back(make_app, store):
+    app = make_app(DelayedModel(update_delay=0.3))
+    lock = app.state.service.lock(app.state.keyring.tenant(KEY_A).stored_id("bot"))
+    async with serving(app) as c:
+        await new_agent(c)
+        first, second = (await ask(c))["id"], (await ask(c))["id"]
+        running = asyncio.create_task(rate(c, first))
+        await until(lock.locked)
+        delete = asyncio.create_task(c.delete("/v1/agents/bot"))
+        await until(lambda: queued(lock) == 1)
+        late = await rate(c, second)
+        assert (await running).status_code == 200 and (await delete).status_code == 200
+        gone = await c.get("/v1/agents/bot")
+        again = await c.post("/v1/agents", json={"agent_id": "bot"})
+    assert late.status_code == 404 and error_of(late)["code"] == "agent_not_found"
+    assert gone.status_code == 404
+    assert again.status_code == 201
+    assert [a.owner for a in store.list_agents()] == [app.state.keyring.tenant(KEY_A).owner]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/v1/agents/bot/rollback", {"version": 0}),
+    ("PUT", "/v1/agents/bot/context", {"text": "a note"}),
+    ("DELETE", "/v1/agents/bot", None),
+])
+async def test_a_write_queued_behind_a_delete_is_404(make_app, store, method, path, body):
+    app = make_app(DelayedModel(update_delay=0.3))
+    lock = app.state.service.lock(app.state.keyring.tenant(KEY_A).stored_id("bot"))
+    async with serving(app) as c:
+        await new_agent(c)
+        running = asyncio.create_task(rate(c, (await ask(c))["id"]))
+        await until(lock.locked)
+        delete = asyncio.create_task(c.delete("/v1/agents/bot"))
+        await until(lambda: queued(lock) == 1)
+        late = await c.request(method, path, json=body)
+        await running, await delete
+    assert late.status_code == 404 and error_of(late)["code"] == "agent_not_found"
+    assert store.list_agents() == []
+
+
+async def test_the_service_never_creates_a_missing_agent(make_app, store):
+    service = make_app().state.service
+    with pytest.raises(AgentNotFoundError):
+        service.agent("nobody")
+    assert store.list_agents() == []
+
+
+async def test_a_write_waiting_for_another_process_lock_leaves_healthz_answering(db_path):
+    with Store(db_path, busy_timeout=0.5) as store:
+        async with serving(create_app(store, ScriptedModel(), [KEY_A])) as c:
+            await new_agent(c)
+            other_process = sqlite3.connect(db_path, isolation_level=None)
+            other_process.execute("BEGIN IMMEDIATE")  # holds the write lock
+            try:
+                write = asyncio.create_task(c.put("/v1/agents/bot/context", json={"text": "a note"}))
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                health = await c.get("/healthz")
+                health_s = time.monotonic() - started
+                write_was_waiting = not write.done()  # the write waits up to 3 x 0.5 s
+                r = await write
+            finally:
+                other_process.execute("ROLLBACK")
+                other_process.close()
+            context = (await c.get("/v1/agents/bot/context")).json()
+    assert health.status_code == 200 and write_was_waiting and health_s < 0.75
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in error_of(r)["message"]
+    assert context["version"] == 0
 
 
 async def test_an_episode_finishes_when_its_client_hangs_up(make_app, store):

@@ -166,17 +166,20 @@ def test_resume_can_extend_the_number_of_steps(tmp_path, tiny_llama):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama, monkeypatch):
     real = cod_trainer.cod_policy_loss_sum
-    calls = {"n": 0}
+    broken = {"now": False}
 
-    def nan_on_second_step(*args, **kwargs):
-        calls["n"] += 1
+    class BreakAtStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            broken["now"] = state.global_step >= 1
+
+    def nan_once_broken(*args, **kwargs):
         loss, kept = real(*args, **kwargs)
-        return (loss * float("nan"), kept) if calls["n"] >= 2 else (loss, kept)
+        return (loss * float("nan"), kept) if broken["now"] else (loss, kept)
 
-    monkeypatch.setattr(cod_trainer, "cod_policy_loss_sum", nan_on_second_step)
+    monkeypatch.setattr(cod_trainer, "cod_policy_loss_sum", nan_once_broken)
     out = tmp_path / "out"
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 2.*checkpoint-1.*--resume"):
-        train(tiny_config(out, tiny_llama, max_steps=3))
+        train(tiny_config(out, tiny_llama, max_steps=3), callbacks=[BreakAtStep2()])
     assert not (out / "checkpoint-2").exists()
     assert all(torch.isfinite(w).all() for w in lora_b(out / "checkpoint-1").values())
 

@@ -103,7 +103,7 @@ def test_unknown_logger_is_refused():
 
 
 @pytest.mark.parametrize("name, value", [("max_steps", 0), ("learning_rate", -1.0), ("max_new_tokens", 0),
-                                         ("lora_rank", 0), ("clip_low", 1.5), ("eval_packs", 0),
+                                         ("lora_rank", 0), ("clip_low", 1.5), ("eval_packs", 0), ("threads", 0),
                                          ("learning_rate", float("nan")), ("max_steps", 2.5)])
 def test_out_of_range_numbers_name_the_option(name, value):
     with pytest.raises(TrainConfigError, match=rf"^{name}:"):

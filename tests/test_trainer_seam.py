@@ -21,7 +21,10 @@ from test_trainer_helpers import one_torch_thread, smollm2_path, tiny_config, ti
 from trl import GRPOTrainer  # noqa: E402
 
 from trainer import cod_trainer  # noqa: E402
-from trainer.cod_trainer import CoDTrainer, environment_reward, grpo_arguments, load_base_model, lora_config  # noqa: E402
+from trainer.cod_trainer import (  # noqa: E402
+    CoDTrainer, environment_reward, grpo_arguments, length_groups, load_base_model, lora_config, trim_padding,
+)
+from trainer.loss import cod_policy_loss_sum  # noqa: E402
 from trainer.errors import NonFiniteLossError  # noqa: E402
 from trainer.rollout import PackSpec, TrainingRow  # noqa: E402
 
@@ -144,3 +147,40 @@ def test_non_finite_loss_stops_before_the_optimizer_step(trainer, monkeypatch):
     batch = trainer._generate_and_score_completions([{"env": "reply-length", "preset": "train", "seed": 4}] * 2)
     with pytest.raises(NonFiniteLossError, match="loss became nan.*--resume"):
         trainer._compute_loss(trainer.model, batch)
+
+
+def test_length_groups_cover_every_row_once_shortest_first():
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    groups = length_groups(mask, 2)
+    assert [g.tolist() for g in groups] == [[0, 3], [2, 1]]
+
+
+def test_trim_padding_drops_only_columns_that_are_padding_in_every_row():
+    batch = {
+        "prompt_ids": torch.tensor([[9, 9, 5], [9, 6, 7]]), "prompt_mask": torch.tensor([[0, 0, 1], [0, 1, 1]]),
+        "completion_ids": torch.tensor([[1, 9, 9], [2, 3, 9]]), "completion_mask": torch.tensor([[1, 0, 0], [1, 1, 0]]),
+        "sampling_per_token_logps": torch.zeros(2, 3), "advantages": torch.tensor([1.0, -1.0]),
+    }
+    sub = trim_padding(batch, torch.tensor([0, 1]))
+    assert sub["prompt_ids"].tolist() == [[9, 5], [6, 7]] and sub["completion_ids"].tolist() == [[1, 9], [2, 3]]
+
+
+def test_grouped_cod_loss_equals_one_forward_over_the_padded_batch(trainer):
+    batch = trainer._generate_and_score_completions([{"env": "reply-length", "preset": "train", "seed": 5}] * 2)
+    batch["advantages"] = torch.linspace(-1, 1, batch["advantages"].numel())  # every row carries loss
+    trainer.model.zero_grad()
+    grouped = trainer._cod_loss(trainer.model, batch)
+    grouped.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, batch["completion_ids"].size(1))
+    total, _ = cod_policy_loss_sum(logps, batch["sampling_per_token_logps"], batch["advantages"], batch["completion_mask"])
+    whole = total / batch["num_items_in_batch"]
+    whole.backward()
+    assert grouped.item() == pytest.approx(whole.item(), rel=1e-4, abs=1e-6)
+    for name, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(p.grad, grads[name], rtol=1e-3, atol=1e-6), name
+    trainer.model.zero_grad()

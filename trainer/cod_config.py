@@ -19,7 +19,7 @@ from .errors import TrainConfigError
 #: Loss types: ``cod`` (the paper's one-sided masked policy gradient) or one of TRL's GRPO losses.
 LOSS_TYPES = ("cod", "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 #: Options that may change when a run is resumed (everything else must match the stored config).
-RESUMABLE = frozenset({"max_steps", "max_minutes", "eval_every", "save_steps", "save_total_limit", "report_to", "progress"})
+RESUMABLE = frozenset({"max_steps", "max_minutes", "threads", "eval_every", "save_steps", "save_total_limit", "report_to", "progress"})
 #: GRPOConfig fields the CoD trainer sets itself from CoDConfig (or bypasses), refused in ``trl_args``.
 MANAGED_TRL_ARGS = frozenset({
     "output_dir", "max_steps", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -113,8 +113,9 @@ class CoDConfig:
     """Gradient clipping norm (0 = none). Default 1.0."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step (the step's training rows are split evenly). Default 1."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward (less memory, more time). Default off."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: memory grows with rows x tokens only through the layer inputs,
+    for about a third more compute. Default on (as in TRL); turn off for speed when memory allows."""
 
     # ---------------------------------------------------------------- LoRA
     lora_rank: int = 16
@@ -129,6 +130,9 @@ class CoDConfig:
     """``cpu``, ``cuda``, ``cuda:N``; ``None``: cuda when available, else cpu. Under ``accelerate launch`` accelerate decides."""
     dtype: Optional[str] = None
     """``float32``, ``bfloat16``, ``float16``; ``None``: float32 on CPU, bfloat16 on a GPU that supports it."""
+    threads: Optional[int] = None
+    """torch CPU threads (``torch.set_num_threads``); ``None``: torch's default (one per core). On a CPU shared
+    with other jobs, 1 avoids threads waiting on each other (measured 10x faster generation on 2 busy cores)."""
 
     # ---------------------------------------------------------------- checkpoints, logging, evaluation
     save_steps: int = 10
@@ -216,6 +220,8 @@ class CoDConfig:
             _check_int(self, "eval_pack_size", 1)
         if self.rollout_batch_size is not None:
             _check_int(self, "rollout_batch_size", 1)
+        if self.threads is not None:
+            _check_int(self, "threads", 1)
         if self.save_total_limit is not None:
             _check_int(self, "save_total_limit", 1)
         for name, low, high in (

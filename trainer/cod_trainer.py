@@ -32,6 +32,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import pad
 
 from lifecycle_agent.models.local import LocalModel, load_pretrained
@@ -152,7 +153,8 @@ class CoDTrainer(GRPOTrainer):
         """Log-probs of the completions under the base model (the adapter disabled), for TRL's KL term."""
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        with torch.no_grad(), self.accelerator.unwrap_model(self.model).disable_adapter():
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self.accelerator.unwrap_model(self.model).disable_adapter():
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, batch["completion_ids"].size(1),
                 batch_size=self.args.per_device_train_batch_size,
@@ -181,21 +183,26 @@ class CoDTrainer(GRPOTrainer):
 
     def _cod_loss(self, model, inputs):
         """Token mean of -A * logp over completion tokens kept by the one-sided ratio rule (trainer/loss.py)."""
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
-        )
-        loss_sum, kept = cod_policy_loss_sum(
-            logps, inputs["sampling_per_token_logps"], inputs["advantages"], completion_mask,
-            self.cod.clip_low, self.cod.clip_high,
-        )
+        loss_sum, kept, entropy_sum = 0.0, 0.0, 0.0
+        for group in length_groups(inputs["prompt_mask"], 2 * self.cod.pack_size - 1):  # one per episode kind
+            sub = trim_padding(inputs, group)
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, torch.cat([sub["prompt_ids"], sub["completion_ids"]], dim=1),
+                torch.cat([sub["prompt_mask"], sub["completion_mask"]], dim=1), sub["completion_ids"].size(1),
+                compute_entropy=True,
+            )
+            group_sum, group_kept = cod_policy_loss_sum(
+                logps, sub["sampling_per_token_logps"], sub["advantages"], sub["completion_mask"],
+                self.cod.clip_low, self.cod.clip_high,
+            )
+            loss_sum, kept = loss_sum + group_sum, kept + group_kept
+            entropy_sum = entropy_sum + (entropies * sub["completion_mask"]).sum().detach()
         # num_items_in_batch counts the completion tokens of the whole step on every process: summing the
         # micro-batches' losses (and averaging gradients across processes) gives the step's token mean.
         loss = loss_sum / (inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes)
-        mask = completion_mask.float()
-        stats = self.accelerator.reduce(torch.stack([kept.float(), mask.sum(), (entropies * mask).sum().detach()]), "sum")
+        tokens = inputs["completion_mask"].sum().float()
+        stats = self.accelerator.reduce(torch.stack([torch.as_tensor(kept, dtype=torch.float32, device=tokens.device),
+                                                     tokens, torch.as_tensor(entropy_sum, device=tokens.device)]), "sum")
         self._metrics["train"]["cod/kept_fraction"].append((stats[0] / stats[1].clamp(min=1)).item())
         self._metrics["train"]["entropy"].append((stats[2] / stats[1].clamp(min=1)).item())
         return loss
@@ -231,6 +238,31 @@ class CoDTrainer(GRPOTrainer):
                 report.update(step=self.state.global_step, base=base)
         self.accelerator.wait_for_everyone()
         return report
+
+
+def length_groups(prompt_mask: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """Row indices of a micro-batch sorted by prompt length and cut into at most ``groups`` groups.
+
+    A CoD step mixes short solve prompts with long update prompts (they hold the previous
+    context and a transcript). Scoring rows of similar length together, each group without
+    the padding it does not need, gives the same loss for less compute and memory.
+    """
+    lengths = prompt_mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    return [chunk for chunk in torch.tensor_split(order, min(groups, len(order))) if len(chunk)]
+
+
+def trim_padding(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The given rows of a batch, without the prompt columns (left) and completion columns (right) that are
+    padding in every one of them."""
+    prompt_mask, completion_mask = inputs["prompt_mask"][rows], inputs["completion_mask"][rows]
+    start = int((prompt_mask.sum(dim=0) == 0).sum())  # left padding shared by every row
+    width = max(int(completion_mask.sum(dim=1).max()), 1)
+    sub = {key: inputs[key][rows][:, start:] for key in ("prompt_ids", "prompt_mask")}
+    for key in ("completion_ids", "completion_mask", "sampling_per_token_logps"):
+        sub[key] = inputs[key][rows][:, :width]
+    sub["advantages"] = inputs["advantages"][rows]
+    return sub
 
 
 def environment_reward(*args, **kwargs):
@@ -433,6 +465,8 @@ def train(
     started = time.perf_counter()
     state = PartialState()
     config.validate(world_size=state.num_processes)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     device, dtype = resolve_precision(
         config.device, config.dtype, cuda_available=torch.cuda.is_available(),
         bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),

@@ -1,4 +1,9 @@
-"""``lifecycle-agent ralph``: run a coding agent in a loop on a repository; ``ralph status`` shows the loop."""
+"""``lifecycle-agent ralph``: run a coding agent in a loop on a repository; ``ralph status`` shows the loop.
+
+Text from the agent, the model, the check or a person (errors, check output, file names,
+notes) is printed as plain text, never read as Rich markup: ``[/INST]`` in a reply prints
+as it is.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..ralph import DEFAULT_MARKER, IterationInfo, LoopEvent, LoopResult, LoopStatus, loop_status, run_loop
 from ..ralph.config import DEFAULT_AGENT_ID
@@ -38,8 +45,9 @@ def _short(text: Optional[str], width: int = 60) -> str:
 
 
 def _check_cell(info: IterationInfo) -> str:
+    """The check column as markup (the error text escaped)."""
     if info.status == "failed":
-        return f"[red]error[/]: {_short(info.error, 40)}"
+        return f"[red]error[/]: {escape(_short(info.error, 40))}"
     if info.check_passed:
         return "[green]passed[/]"
     if info.check_timed_out:
@@ -58,7 +66,7 @@ def iterations_table(infos: list[IterationInfo], title: str) -> Table:
             "-" if info.notes_version is None else str(info.notes_version),
             "-" if info.tokens is None else str(info.tokens),
             "-" if info.duration_s is None else f"{info.duration_s:.1f} s",
-            (info.commit or "-")[:8], _short(last_line, 50),
+            (info.commit or "-")[:8], Text(_short(last_line, 50)),
         )
     return table
 
@@ -69,9 +77,9 @@ def _progress_handler(progress: Progress, bar) -> "callable":
     def on_event(event: LoopEvent) -> None:
         if event.kind == "check":
             last_check["text"] = event.message.split(": ", 1)[-1]
-            progress.console.print(f"[dim]{event.message}[/]")
+            progress.console.print(Text(event.message, style="dim"))
         elif event.kind == "iteration_start":
-            progress.update(bar, description=f"{event.message} · last check: {last_check['text']}")
+            progress.update(bar, description=escape(f"{event.message} · last check: {last_check['text']}"))
         elif event.kind == "iteration_end":
             info = event.info
             if info is not None and info.status == "ok":
@@ -80,12 +88,12 @@ def _progress_handler(progress: Progress, bar) -> "callable":
                 notes = f"notes v{info.notes_version}" if info.notes_version is not None else "notes unchanged"
                 progress.console.print(
                     f"iteration {event.iteration} · {event.elapsed_s:.0f} s elapsed · check {_check_cell(info)} · "
-                    f"{changed} · {notes} · commit {(info.commit or '-')[:8]}"
+                    f"{escape(changed)} · {notes} · commit {(info.commit or '-')[:8]}"
                 )
             else:
-                progress.console.print(f"[red]{event.message}[/]")
+                progress.console.print(Text(event.message, style="red"))
         elif event.kind in ("resume", "notes_edit"):
-            progress.console.print(f"[yellow]{event.message}[/]")
+            progress.console.print(Text(event.message, style="yellow"))
 
     return on_event
 
@@ -134,7 +142,7 @@ def ralph(
     if model is not None or agent_cmd is None:
         spec = model or "smollm2"
         if not as_json:
-            err_console.print(f"loading model {spec} ...")
+            err_console.print(f"loading model {escape(spec)} ...")
         chat_model = load_model(spec, base_url, api_key)
     options = dict(
         prompt=prompt, model=chat_model, agent_cmd=agent_cmd, max_iterations=max_iterations, max_minutes=max_minutes,
@@ -164,13 +172,14 @@ def _run_with_progress(repo: Path, check: str, max_iterations: int, options: dic
         result = run_loop(repo, check=check, on_event=_progress_handler(progress, bar), **options)
     ran = result.iterations[-result.iterations_run :] if result.iterations_run else []
     if ran:
-        console.print(iterations_table(ran, f"ralph loop on {result.repo}"))
-    console.print(Panel(result.notes or "(no notes)", title=f"notes (version {result.notes_version})", title_align="left"), markup=False)
+        console.print(iterations_table(ran, f"ralph loop on {escape(result.repo)}"))
+    console.print(Panel(Text(result.notes or "(no notes)"), title=f"notes (version {result.notes_version})",
+                        title_align="left"))
     colour = "green" if result.passed else "red"
     tokens = f" · {result.tokens} model tokens in all" if result.tokens else ""
     console.print(
-        f"[{colour}]stopped ({result.stop_reason}):[/] {result.message} · {len(result.iterations)} iterations in all · "
-        f"{result.elapsed_s:.1f} s{tokens}",
+        f"[{colour}]stopped ({result.stop_reason}):[/] {escape(result.message)} · {len(result.iterations)} iterations "
+        f"in all · {result.elapsed_s:.1f} s{tokens}",
     )
     return result
 
@@ -180,14 +189,17 @@ def _when(ts: Optional[float]) -> str:
 
 
 def print_status(status: LoopStatus) -> None:
-    console.print(f"[bold]ralph loop[/] of agent {status.agent_id} on {status.repo} (database {status.db})")
+    console.print(f"[bold]ralph loop[/] of agent {escape(status.agent_id)} on {escape(str(status.repo))} "
+                  f"(database {escape(str(status.db))})")
     if status.in_progress:
         state = status.in_progress
         since = time.time() - (state.get("started_at") or time.time())
         if state.get("running"):
-            console.print(f"[yellow]iteration {state['iteration']} is running[/] (pid {state.get('pid')}, for {since:.0f} s)")
+            console.print(f"[yellow]iteration {escape(str(state['iteration']))} is running[/] "
+                          f"(pid {escape(str(state.get('pid')))}, for {since:.0f} s)")
         else:
-            console.print(f"[yellow]iteration {state['iteration']} was interrupted[/]: rerun the loop to resume it")
+            console.print(f"[yellow]iteration {escape(str(state['iteration']))} was interrupted[/]: rerun the loop to "
+                          "resume it")
     if status.iterations:
         console.print(iterations_table(status.iterations, f"{len(status.iterations)} iterations"))
     else:
@@ -197,18 +209,19 @@ def print_status(status: LoopStatus) -> None:
         for column in ("run", "started", "finished", "stop reason"):
             runs.add_column(column)
         for run in status.runs:
-            runs.add_row(run.run_id, _when(run.started_at), _when(run.finished_at), run.stop_reason)
+            runs.add_row(run.run_id, _when(run.started_at), _when(run.finished_at), Text(run.stop_reason))
         console.print(runs)
     history = Table(title="notes history")
     for column in ("version", "created", "source", "chars", "note", "start of text"):
         history.add_column(column)
     for version in status.notes_history:
         history.add_row(
-            str(version.version), _when(version.created_at), version.source, str(len(version.text)),
-            version.note or "", _short(version.text, 50),
+            str(version.version), _when(version.created_at), Text(version.source), str(len(version.text)),
+            Text(version.note or ""), Text(_short(version.text, 50)),
         )
     console.print(history)
-    console.print(Panel(status.notes or "(no notes)", title=f"notes (version {status.notes_version})", title_align="left"), markup=False)
+    console.print(Panel(Text(status.notes or "(no notes)"), title=f"notes (version {status.notes_version})",
+                        title_align="left"))
 
 
 @ralph_app.command("status")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 
 from . import app
@@ -39,7 +40,7 @@ def serve(
     if not keys:
         err_console.print(Panel(
             f"[bold]LOCAL-ONLY MODE[/]: no API keys configured, so there is [bold]no authentication[/].\n"
-            f"Listening on {host}:{port} and answering loopback clients only.\n"
+            f"Listening on {escape(host)}:{port} and answering loopback clients only.\n"
             "Give --api-key KEY (or LIFECYCLE_AGENT_API_KEYS) to serve other machines.",
             title="lifecycle-agent serve", border_style="bold yellow",
         ))

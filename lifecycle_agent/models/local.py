@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import math
 import queue
@@ -479,7 +480,7 @@ class _Engine:
         )
         if self.eos_ids:
             kwargs["eos_token_id"] = list(self.eos_ids)
-        with self._generate_lock, torch.inference_mode():
+        with self._generate_lock, torch.inference_mode(), _eval_mode(self.model):
             out = self.model.generate(**kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         completions = sequences[:, prompt_len:].cpu()
@@ -525,6 +526,22 @@ class _Engine:
         return results
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Generate without dropout even when the trainer left the model in train mode; restore every flag after."""
+    modules = list(model.modules()) if callable(getattr(model, "modules", None)) else []
+    flags = [m.training for m in modules]
+    if any(flags):
+        for m in modules:
+            m.training = False
+    try:
+        yield
+    finally:
+        if any(flags):
+            for m, flag in zip(modules, flags):
+                m.training = flag
+
+
 @functools.lru_cache(maxsize=1)
 def _neutral_generation_kwargs() -> dict:
     """:data:`_NEUTRAL_GENERATION` restricted to the keys this transformers version knows."""
@@ -542,7 +559,9 @@ class LocalModel(ChatModel):
 
     Args:
         model: a transformers causal LM (``AutoModelForCausalLM``), or a PEFT ``PeftModel``.
-            Put it in eval mode yourself (``from_pretrained`` does); it is used as is.
+            Generation always runs in eval mode (no dropout); a model left in train mode (e.g.
+            the trainer's policy) is switched to eval for each batch and every module's flag is
+            restored afterwards, so do not run training forwards on it while a batch runs.
         tokenizer: its tokenizer; it must have a chat template.
         model_id: identifier stored with episodes; default ``hf:<config._name_or_path>``.
         default_temperature: sampling temperature when a call gives none; ``0`` = greedy.

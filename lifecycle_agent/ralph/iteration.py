@@ -26,6 +26,18 @@ from .tools import DONE, RepoTools, parse_tool_call, tool_list
 
 #: Characters per token assumed when a model does not report token counts.
 CHARS_PER_TOKEN = 4
+#: Seconds a check may run past the loop's wall-time limit, so that an iteration ending
+#: at the limit still gets a verdict from a quick check.
+CHECK_GRACE_S = 2.0
+
+
+def check_time_limit(config: RalphConfig, deadline: float) -> float:
+    """Seconds the check may run now: ``--check-timeout``, cut at the wall-time limit plus :data:`CHECK_GRACE_S`.
+
+    ``deadline`` is the loop's wall-time limit on the ``time.monotonic()`` clock. A check
+    started after the limit still gets the grace, so every iteration gets a verdict.
+    """
+    return min(config.check_timeout, max(deadline - time.monotonic(), 0.0) + CHECK_GRACE_S)
 
 
 def iteration_id(iteration: int) -> str:
@@ -244,6 +256,8 @@ class IterationTask(InteractiveTask):
                 return self._finish("")
             observation = prompts.NO_TOOL_CALL
         else:
+            if time.monotonic() >= self.deadline:  # the reply came after the limit: its call is not carried out
+                return self._finish(prompts.NOTE_TIME_LIMIT)
             observation = self.tools.call(call)
             self.tool_calls += 1
         if self.meter.exhausted:
@@ -258,7 +272,10 @@ class IterationTask(InteractiveTask):
     def _finish(self, note: str) -> StepResult:
         """Run the check; reward 1.0 when it passes; feedback = check output + changed files."""
         changes = self.repo.changes(self.base)  # before the check, so files the check writes do not count
-        check = run_shell(self.config.check, self.repo.root, timeout=self.config.check_timeout)
+        limit = check_time_limit(self.config, self.deadline)
+        check = run_shell(self.config.check, self.repo.root, timeout=limit)
+        if check.timed_out and limit < self.config.check_timeout:
+            note += prompts.NOTE_CHECK_TIME_LIMIT.format(limit=limit, check_timeout=self.config.check_timeout)
         output = trim(check.output.strip(), self.config.output_chars)
         progress = [f for f in changes.files if f != self.config.notes_file]
         last = self.command.last if self.command is not None else None

@@ -33,19 +33,24 @@ from ..store import Store
 from .config import DEFAULT_NOTES_BUDGET, STATE_DIR, RalphConfig, RalphError
 from .gitrepo import GitRepo, commit_message
 from .iteration import (
-    AgentCommandModel, CheckSummary, IterationTask, MeteredModel, RoutedModel, TokenMeter, iteration_id,
+    AgentCommandModel, CheckSummary, IterationTask, MeteredModel, RoutedModel, TokenMeter, check_time_limit,
+    iteration_id,
 )
 from .prompts import RALPH_V1
 from .shell import missing_program, run_shell, trim
 from .status import (
     AGENT_NOTES_SOURCE, EDIT_SOURCE, IterationInfo, default_db, notes_label, read_iterations, read_state, state_path,
 )
-from .tools import RepoTools
+from .tools import PROTECTED, RepoTools
 
 StopReason = Literal[
     "check_passed", "completion_marker", "max_iterations", "max_minutes", "max_tokens", "no_progress",
     "same_failure", "error",
 ]
+
+
+class NotesFileError(RalphError):
+    """The notes file leads outside the repository (or into ``.git/``) through a symlink."""
 
 
 class LoopResult(BaseModel):
@@ -176,8 +181,7 @@ class _Loop:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 self.repo.exclude(f"/{rel}{suffix}")
         self.notes_path = root / config.notes_file
-        if root not in self.notes_path.resolve().parents:
-            raise RalphError(f"notes file {config.notes_file!r} leads outside the repository (through a symlink)")
+        self._notes_target()
         self.prompt_path = self._find_prompt()
         self._read_prompt()
         for option, command in (("--check", config.check), ("--agent-cmd", config.agent_cmd)):
@@ -242,10 +246,31 @@ class _Loop:
         return max(0.01, min(left, self.config.agent_timeout) if self.config.agent_timeout else left)
 
     # ------------------------------------------------------------ notes
+    def _notes_target(self) -> Path:
+        """The notes file's real path, checked before every read and write of it.
+
+        An iteration may have turned the notes file (or a directory above it) into a symlink:
+        one leading outside the repository, into ``.git/`` or into the loop's state directory
+        is refused with :class:`NotesFileError`, and nothing is read or written through it.
+        """
+        root = self.repo.root
+        real = self.notes_path.resolve()
+        inside = root in real.parents
+        protected = inside and real.relative_to(root).parts[0] in PROTECTED
+        if not inside or protected:
+            where = "outside the repository" if not inside else f"into {real.relative_to(root).parts[0]}/"
+            raise NotesFileError(
+                f"notes file {self.config.notes_file!r} leads {where} through a symlink (to {real}); the loop neither "
+                f"reads nor writes through it. Replace the link with a plain file (e.g. `rm {self.config.notes_file}`) "
+                "and rerun to go on"
+            )
+        return real
+
     def _file_notes(self) -> Optional[str]:
-        if not self.notes_path.is_file():
+        path = self._notes_target()
+        if not path.is_file():
             return None
-        return _normalise_notes(_read_text(self.notes_path, "notes file"))
+        return _normalise_notes(_read_text(path, "notes file"))
 
     def _take_in_notes(self, source: str, note: str) -> Optional[int]:
         """Store the notes file as a new context version when it differs from the stored notes."""
@@ -268,13 +293,14 @@ class _Loop:
         """Write the stored notes to the notes file (people read and edit them there)."""
         text = _normalise_notes(self.agent.context)
         wanted = text + "\n" if text else ""
-        if self.notes_path.is_file():
-            if self.notes_path.read_bytes() == wanted.encode("utf-8"):
+        path = self._notes_target()
+        if path.is_file():
+            if path.read_bytes() == wanted.encode("utf-8"):
                 return
         elif not text:
             return
-        self.notes_path.parent.mkdir(parents=True, exist_ok=True)
-        self.notes_path.write_text(wanted, encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(wanted, encoding="utf-8")
 
     # ------------------------------------------------------------ state file
     def _write_state(self, iteration: int, base: Optional[str]) -> None:
@@ -329,24 +355,28 @@ class _Loop:
         self.iterations_run = 0
         self.resumed: Optional[int] = None
         self._last_error = ""
-        stop = self._resume(state) if state is not None else None
-        previous: Optional[CheckSummary] = None
-        if stop is None:
-            stop = self._limits_before_start()
-        if stop is None:
-            previous, stop = self._initial_check()
-        while stop is None:
-            if self._time_left() <= 0:
-                stop = "max_minutes", f"reached the wall-time limit of {config.max_minutes:g} minutes"
-                break
-            n = self._finished_count() + 1
-            self._take_in_person_edits(n)
-            info = self._iteration(n, previous)
-            if info is None:
-                stop = ("error", self._last_error)
-                break
-            previous = CheckSummary(info.check_output, info.check_verdict or "", n)
-            stop = self._stop_reason()
+        try:
+            stop = self._resume(state) if state is not None else None
+            previous: Optional[CheckSummary] = None
+            if stop is None:
+                stop = self._limits_before_start()
+            if stop is None:
+                previous, stop = self._initial_check()
+            while stop is None:
+                if self._time_left() <= 0:
+                    stop = "max_minutes", f"reached the wall-time limit of {config.max_minutes:g} minutes"
+                    break
+                n = self._finished_count() + 1
+                self._take_in_person_edits(n)
+                info = self._iteration(n, previous)
+                if info is None:
+                    stop = ("error", self._last_error)
+                    break
+                previous = CheckSummary(info.check_output, info.check_verdict or "", n)
+                stop = self._stop_reason()
+        except NotesFileError as exc:  # an iteration made the notes file a symlink leading out
+            self._last_error = str(exc)
+            stop = ("error", self._last_error)
         return self._result(*stop)
 
     def _finished(self) -> list[IterationInfo]:
@@ -366,7 +396,7 @@ class _Loop:
 
     def _initial_check(self) -> tuple[Optional[CheckSummary], Optional[tuple[str, str]]]:
         """Run the check once before the first iteration: nothing to do when it passes already."""
-        result = run_shell(self.config.check, self.repo.root, timeout=self.config.check_timeout)
+        result = run_shell(self.config.check, self.repo.root, timeout=check_time_limit(self.config, self.deadline))
         if result.exit_code == 127 and "not found" in result.output:
             raise RalphError(f"--check {self.config.check!r}: the shell could not find the command: {trim(result.output.strip(), 300)}")
         self._emit("check", None, f"check before the first iteration: {result.verdict()}")

@@ -104,4 +104,7 @@ NO_TOOL_CALL = (
 NOTE_TURN_LIMIT = " The agent used all {max_turns} tool calls before saying it was done."
 NOTE_TOKEN_LIMIT = " The iteration was cut short: the loop's token limit was reached."
 NOTE_TIME_LIMIT = " The iteration was cut short: the loop's wall-time limit was reached."
+NOTE_CHECK_TIME_LIMIT = (
+    " The check was stopped after {limit:.1f} s at the loop's wall-time limit (its own timeout is {check_timeout:g} s)."
+)
 NOTE_AGENT_FAILED = " The agent command {status}."

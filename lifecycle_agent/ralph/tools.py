@@ -8,8 +8,12 @@ JSON string), arguments may sit at the top level, and common aliases of tool and
 argument names are accepted (``read`` → ``read_file``, ``file_path`` → ``path``).
 
 Confinement: paths are relative to the repository root; absolute paths, ``..``
-components, and paths that resolve outside the root (through a symlink) are refused
-with a message saying so, as are ``.git/`` and the loop's own state directory.
+components, NUL characters, and paths that resolve outside the root (through a symlink)
+are refused with a message saying so, as are ``.git/`` and the loop's own state directory.
+
+Bad arguments never end the loop: a wrong type, a number that is not finite
+(``NaN``, ``1e999``), or any other argument the tool cannot use comes back to the agent
+as an ``error: ...`` observation it can correct.
 ``run_command`` runs in the repository with a timeout and trimmed output; it is a
 convenience, not a sandbox: the command itself can reach whatever the user can.
 """
@@ -17,6 +21,7 @@ convenience, not a sandbox: the command itself can reach whatever the user can.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -120,7 +125,7 @@ _ARG_ALIASES = {
     "cmd": "command", "query": "pattern", "regexp": "pattern",
     "start_line": "start", "end_line": "end", "line_start": "start", "line_end": "end",
 }
-_KIND_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_KIND_WORDS = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}
 _NAME_KEYS = ("tool", "name", "action", "function", "tool_name")
 _ARGS_KEYS = ("args", "arguments", "parameters", "params", "input")
 
@@ -173,6 +178,22 @@ def parse_tool_call(reply: str) -> Optional[ToolCall]:
     return None
 
 
+def _number(value: Any, kind: type) -> int | float:
+    """A finite int or float argument from a JSON number or a numeric string (ValueError/TypeError when not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError
+    if kind is int and isinstance(value, int):
+        return value
+    number = float(value)  # OverflowError for an int too large for a float
+    if not math.isfinite(number):
+        raise ValueError
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    return number
+
+
 def _coerce(spec: ToolSpec, args: dict) -> dict:
     known = {p.name: p for p in spec.params}
     unknown = sorted(set(args) - set(known))
@@ -192,8 +213,8 @@ def _coerce(spec: ToolSpec, args: dict) -> dict:
                 if not isinstance(value, str):
                     raise TypeError
             else:
-                value = param.kind(value)
-        except (TypeError, ValueError):
+                value = _number(value, param.kind)
+        except (TypeError, ValueError, OverflowError):
             raise ToolError(f"{spec.name}: {param.name!r} must be {_KIND_WORDS[param.kind]}, got {value!r}") from None
         out[param.name] = value
     return out
@@ -228,6 +249,8 @@ class RepoTools:
         if not isinstance(path, str) or not path.strip():
             raise ToolError("path must be a non-empty string, relative to the repository root")
         raw = path.strip()
+        if "\0" in raw:
+            raise ToolError(f"path {raw!r} refused: it holds a NUL character; give a plain relative path")
         if os.path.isabs(raw) or raw.startswith("~"):
             raise ToolError(f"path {raw!r} refused: absolute paths are not allowed; give a path relative to the repository root")
         parts = Path(raw).parts
@@ -267,6 +290,8 @@ class RepoTools:
             return f"error: {exc}"
         except OSError as exc:
             return f"error: {call.name} failed: {exc.strerror or exc}"
+        except (ValueError, OverflowError, TypeError) as exc:  # an argument the tool cannot use
+            return f"error: {call.name} failed: {exc}; check its arguments, example: {json.dumps(spec.example)}"
         return trim(result, self.output_chars)
 
     # ------------------------------------------------------------ the tools
@@ -355,6 +380,8 @@ class RepoTools:
     def run_command(self, command: str, timeout: Optional[float] = None) -> str:
         if not command.strip():
             raise ToolError("command must not be empty")
+        if timeout is not None and timeout <= 0:
+            raise ToolError(f"timeout must be a number of seconds > 0, got {timeout:g}")
         limit = min(timeout or self.command_timeout, self.command_timeout, self.time_left())
         if limit <= 0:
             raise ToolError("not run: the loop's wall-time limit is reached")

@@ -82,6 +82,8 @@ _ERRORS = {
     401: {"model": s.ErrorResponse, "description": "Missing or invalid API key."},
     403: {"model": s.ErrorResponse, "description": "Local-only mode and the client is not on loopback."},
     404: {"model": s.ErrorResponse, "description": "No such agent (for this API key), version, completion or episode."},
+    503: {"model": s.ErrorResponse, "description": "The database is locked by another process; retry after "
+                                                   "`Retry-After` seconds. Nothing was changed."},
 }
 _BODY_ERRORS = {413: {"model": s.ErrorResponse, "description": "Request body over the size limit."}}
 _CONFLICT = {409: {"model": s.ErrorResponse, "description": "Conflict; `error.context_version` holds the current version."}}
@@ -188,6 +190,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             return ApiError(404, f"no route {path}; see /docs", "not_found_error").response()
         type_ = "request_too_large" if exc.status_code == 413 else "invalid_request_error"
         return ApiError(exc.status_code, str(exc.detail), type_, headers=headers).response()
+
+    @app.exception_handler(AgentNotFoundError)
+    async def agent_gone(request: Request, exc: AgentNotFoundError):
+        # an agent deleted while the request waited (for the agent's lock, or the model)
+        public_id = getattr(request.state, "agent_id", None)
+        if public_id is None:
+            return ApiError(404, "no such agent; GET /v1/agents lists yours", "not_found_error",
+                            code="agent_not_found").response()
+        return _no_agent(public_id).response()
 
     @app.exception_handler(StoreLockedError)
     async def locked(request: Request, exc: StoreLockedError):
@@ -335,6 +346,7 @@ def _finish_reason(reason: Optional[str]) -> str:
 
 def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     store = service.store
+    db = service.db  # every store call goes through it: SQLite never runs on the event loop
 
     def stored_id(tenant: Tenant, public_id: str, param: str = "agent_id") -> str:
         try:
@@ -343,7 +355,10 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             raise _bad(str(exc), param) from None
 
     def owned(request: Request, tenant: Tenant, public_id: str) -> tuple[str, AgentInfo]:
-        """The stored id and row of one of the caller's agents; 404 for others' agents and unknown ids alike."""
+        """The stored id and row of one of the caller's agents; 404 for others' agents and unknown ids alike.
+
+        Reads the store: call it through ``db``, like every function here that takes a ``sid``.
+        """
         request.state.agent_id = public_id
         sid = stored_id(tenant, public_id)
         try:
@@ -385,7 +400,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.get("/v1/models", response_model=s.ModelList, tags=["openai"])
     async def list_models(tenant: TenantDep):
         """The caller's agents, as OpenAI models (``model`` in a chat completion is the agent id)."""
-        infos = store.list_agents(owner=tenant.owner) if tenant.owner else store.list_agents()
+        infos = await db(store.list_agents, owner=tenant.owner)
         return {"object": "list", "data": [
             {"id": tenant.public_id(i.agent_id), "object": "model", "created": int(i.created_at), "owned_by": "lifecycle-agent"}
             for i in infos if tenant.public_id(i.agent_id)
@@ -393,7 +408,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
 
     @router.get("/v1/models/{model_id}", response_model=s.ModelObject, tags=["openai"])
     async def get_model(request: Request, tenant: TenantDep, model_id: AgentIdPath):
-        _, info = owned(request, tenant, model_id)
+        _, info = await db(owned, request, tenant, model_id)
         return {"id": model_id, "object": "model", "created": int(info.created_at), "owned_by": "lifecycle-agent"}
 
     @router.post(
@@ -412,7 +427,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         request.state.agent_id = body.model
         sid = stored_id(tenant, body.model, "model")
         try:
-            info = store.get_agent(sid)
+            info = await db(store.get_agent, sid)
         except AgentNotFoundError:
             info = None
         if info is None or (tenant.owner is not None and info.owner != tenant.owner):
@@ -464,8 +479,12 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         Feedbacks for one agent are serialised: concurrent feedbacks all land, as successive
         context versions. A completion is rated once: a second rating gets 409.
         """
-        sid, _ = owned(request, tenant, agent_id)
-        row = service.find_completion(sid, body.completion_id)
+
+        def completion() -> tuple[str, Optional[EpisodeRow]]:
+            sid, _ = owned(request, tenant, agent_id)
+            return sid, service.find_completion(sid, body.completion_id)
+
+        sid, row = await db(completion)
         if row is None:
             raise ApiError(404, f"agent {agent_id!r} has no completion {body.completion_id!r}", "not_found_error",
                            param="completion_id", code="completion_not_found")
@@ -474,11 +493,11 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         except FeedbackConflictError:
             raise ApiError(409, f"completion {body.completion_id!r} was already rated; each completion takes one "
                                 "feedback", "conflict_error", code="already_rated",
-                           context_version=head_version(sid)) from None
+                           context_version=await db(head_version, sid)) from None
         except (KeyError, AgentNotFoundError):
             raise _no_agent(agent_id) from None
         if record.update_status in ("error", "conflict"):
-            head = head_version(sid)
+            head = await db(head_version, sid)
         if record.update_status == "error":
             what = "timed out" if policy.timed_out else "failed"
             message = (f"the update episode {what} ({record.error}); the context stays at version {head} and the "
@@ -507,7 +526,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             raise _bad(f"context is {len(body.context)} characters, over the context budget of "
                        f"{settings.context_budget}", "context")
         try:
-            info = store.create_agent(sid, settings.model_dump(), owner=tenant.owner, initial_context=body.context or "")
+            info = await db(store.create_agent, sid, settings.model_dump(), owner=tenant.owner,
+                            initial_context=body.context or "")
         except AgentExistsError:
             raise ApiError(409, f"you already have an agent {body.agent_id!r}; choose another id", "conflict_error",
                            param="agent_id", code="agent_exists") from None
@@ -515,7 +535,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
 
     @router.get("/v1/agents", response_model=s.AgentList, tags=["agents"])
     async def list_agents(tenant: TenantDep):
-        infos = store.list_agents(owner=tenant.owner) if tenant.owner else store.list_agents()
+        infos = await db(store.list_agents, owner=tenant.owner)
         return {"object": "list", "data": [_agent_view(tenant, i) for i in infos if tenant.public_id(i.agent_id)]}
 
     @router.post("/v1/imports", response_model=s.AgentResponse, status_code=201, tags=["agents"],
@@ -536,8 +556,15 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             data["settings"] = AgentSettings(**body.settings).model_dump()
         except (ValueError, TypeError) as exc:
             raise _bad(f"settings: {exc}", "settings") from None
+        head = body.versions[-1].text
+        budget = data["settings"]["context_budget"]
+        if apply_budget(head, budget, "reject").text is None:
+            last = len(body.versions) - 1
+            raise _bad(f"versions[{last}].text: the head context (the last version) is {len(head)} characters, over "
+                       f"the agent's context budget of {budget}; shorten it or raise settings.context_budget",
+                       f"versions[{last}].text")
         try:
-            info = store.import_agent(data, sid, owner=tenant.owner)
+            info = await db(store.import_agent, data, sid, owner=tenant.owner)
         except ContextFormatError as exc:
             raise _bad(str(exc), "versions") from None
         except AgentExistsError:
@@ -547,29 +574,29 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
 
     @router.get("/v1/agents/{agent_id}", response_model=s.AgentResponse, tags=["agents"])
     async def get_agent(request: Request, tenant: TenantDep, agent_id: AgentIdPath):
-        return _agent_view(tenant, owned(request, tenant, agent_id)[1])
+        return _agent_view(tenant, (await db(owned, request, tenant, agent_id))[1])
 
     @router.delete("/v1/agents/{agent_id}", response_model=s.DeletedResponse, tags=["agents"])
     async def delete_agent(request: Request, tenant: TenantDep, agent_id: AgentIdPath):
         """Delete an agent with all its context versions and episodes (irreversible)."""
-        sid, _ = owned(request, tenant, agent_id)
-        try:
-            await service.write(sid, store.delete_agent, sid)
-        except AgentNotFoundError:
-            raise _no_agent(agent_id) from None
-        service.forget(sid)
+        sid, _ = await db(owned, request, tenant, agent_id)
+        await service.delete(sid)  # another delete that ran first: AgentNotFoundError, 404
         return {"agent_id": agent_id, "deleted": True}
 
     @router.post("/v1/agents/{agent_id}/fork", response_model=s.AgentResponse, status_code=201, tags=["agents"],
                  responses={**_BODY_ERRORS, **_CONFLICT})
     async def fork_agent(request: Request, tenant: TenantDep, agent_id: AgentIdPath, body: s.ForkRequest):
         """A new agent whose version 0 is this agent's context at ``version`` (default: current)."""
-        sid, _ = owned(request, tenant, agent_id)
         new_sid = stored_id(tenant, body.agent_id)
-        if body.version is not None:
-            version_or_404(sid, agent_id, body.version)
+
+        def fork() -> AgentInfo:
+            sid, _ = owned(request, tenant, agent_id)
+            if body.version is not None:
+                version_or_404(sid, agent_id, body.version)
+            return store.fork(sid, new_sid, body.version, owner=tenant.owner)
+
         try:
-            info = store.fork(sid, new_sid, body.version, owner=tenant.owner)
+            info = await db(fork)
         except AgentExistsError:
             raise ApiError(409, f"you already have an agent {body.agent_id!r}; choose another id", "conflict_error",
                            param="agent_id", code="agent_exists") from None
@@ -578,8 +605,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.get("/v1/agents/{agent_id}/export", response_model=s.ExportDocument, tags=["agents"])
     async def export_agent(request: Request, tenant: TenantDep, agent_id: AgentIdPath):
         """Settings and every context version (the body ``POST /v1/imports`` takes)."""
-        sid, _ = owned(request, tenant, agent_id)
-        data = store.export_agent(sid)
+        sid, _ = await db(owned, request, tenant, agent_id)
+        data = await db(store.export_agent, sid)
         data["agent_id"] = agent_id
         return data
 
@@ -589,17 +616,21 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
         version: Annotated[Optional[int], Query(ge=0, description="Version to read (default: current).")] = None,
     ):
-        sid, _ = owned(request, tenant, agent_id)
-        ctx = store.head(sid) if version is None else version_or_404(sid, agent_id, version)
+
+        def read() -> ContextVersion:
+            sid, _ = owned(request, tenant, agent_id)
+            return store.head(sid) if version is None else version_or_404(sid, agent_id, version)
+
+        ctx = await db(read)
         return JSONResponse(_context_view(tenant, ctx))  # hot path: built from a validated row, sent as is
 
     @router.put("/v1/agents/{agent_id}/context", response_model=s.ContextResponse, tags=["contexts"],
                 responses=_BODY_ERRORS)
     async def set_context(request: Request, tenant: TenantDep, agent_id: AgentIdPath, body: s.SetContextRequest):
         """Write a context by hand (a new version, source ``edit``; the budget applies)."""
-        sid, _ = owned(request, tenant, agent_id)
+        sid, _ = await db(owned, request, tenant, agent_id)
         try:
-            ctx = await service.write(sid, service.agent(sid).set_context, body.text, body.note)
+            ctx = await service.write(sid, lambda agent: agent.set_context(body.text, body.note))
         except ValueError as exc:
             raise _bad(str(exc), "text") from None
         return _context_view(tenant, ctx)
@@ -611,8 +642,13 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         offset: Annotated[int, Query(ge=0, le=2**62, description="Versions to skip (oldest first).")] = 0,
     ):
         """Context versions, oldest first, one page at a time."""
-        sid, info = owned(request, tenant, agent_id)
-        data = [_context_view(tenant, v) for v in store.history(sid, limit=limit, offset=offset)]
+
+        def read() -> tuple[AgentInfo, list[ContextVersion]]:
+            sid, info = owned(request, tenant, agent_id)
+            return info, store.history(sid, limit=limit, offset=offset)
+
+        info, versions = await db(read)
+        data = [_context_view(tenant, v) for v in versions]
         total = info.head_version + 1
         return {"object": "list", "data": data, "total": total, "limit": limit, "offset": offset,
                 "has_more": offset + len(data) < total}
@@ -624,11 +660,15 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         b: Annotated[Optional[int], Query(ge=0, description="Newer version (default: current).")] = None,
     ):
         """Unified diff between two context versions."""
-        sid, info = owned(request, tenant, agent_id)
-        b = info.head_version if b is None else b
-        version_or_404(sid, agent_id, a)
-        version_or_404(sid, agent_id, b)
-        text = store.diff(sid, a, b)
+
+        def read() -> tuple[str, int, str]:
+            sid, info = owned(request, tenant, agent_id)
+            newer = info.head_version if b is None else b
+            version_or_404(sid, agent_id, a)
+            version_or_404(sid, agent_id, newer)
+            return sid, newer, store.diff(sid, a, newer)
+
+        sid, b, text = await db(read)
         if tenant.prefix:  # the file labels name the stored id; show the caller's id
             head, sep, rest = text.partition("\n@@")
             text = head.replace(f"{sid}@v", f"{agent_id}@v") + sep + rest
@@ -638,9 +678,14 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
                  responses=_BODY_ERRORS)
     async def rollback(request: Request, tenant: TenantDep, agent_id: AgentIdPath, body: s.RollbackRequest):
         """Make an old version current again, appended as a new version (nothing is deleted)."""
-        sid, _ = owned(request, tenant, agent_id)
-        version_or_404(sid, agent_id, body.version)
-        ctx = await service.write(sid, store.rollback, sid, body.version)
+
+        def check() -> str:
+            sid, _ = owned(request, tenant, agent_id)
+            version_or_404(sid, agent_id, body.version)
+            return sid
+
+        sid = await db(check)
+        ctx = await service.write(sid, lambda agent: agent.rollback(body.version))
         return _context_view(tenant, ctx)
 
     # ------------------------------------------------------------------ episodes
@@ -655,13 +700,16 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         newest_first: Annotated[bool, Query(description="Newest first instead of oldest first.")] = False,
     ):
         """Stored episodes, one page at a time."""
-        sid, _ = owned(request, tenant, agent_id)
-        rows = store.episodes(sid, kind=kind, task_id=completion_id, limit=limit, offset=offset,
-                              newest_first=newest_first)
-        if completion_id is None:
-            total = store.count_episodes(sid, kind)
-        else:
-            total = len(store.episodes(sid, kind=kind, task_id=completion_id, limit=None))
+
+        def read() -> tuple[list[EpisodeRow], int]:
+            sid, _ = owned(request, tenant, agent_id)
+            rows = store.episodes(sid, kind=kind, task_id=completion_id, limit=limit, offset=offset,
+                                  newest_first=newest_first)
+            if completion_id is None:
+                return rows, store.count_episodes(sid, kind)
+            return rows, len(store.episodes(sid, kind=kind, task_id=completion_id, limit=None))
+
+        rows, total = await db(read)
         return {"object": "list", "data": [_episode_view(tenant, r) for r in rows], "total": total, "limit": limit,
                 "offset": offset, "has_more": offset + len(rows) < total}
 
@@ -670,11 +718,15 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
         episode_id: Annotated[int, Path(ge=1, le=2**62)],
     ):
-        sid, _ = owned(request, tenant, agent_id)
-        try:
-            row = store.get_episode(episode_id)
-        except KeyError:
-            row = None
+
+        def read() -> tuple[str, Optional[EpisodeRow]]:
+            sid, _ = owned(request, tenant, agent_id)
+            try:
+                return sid, store.get_episode(episode_id)
+            except KeyError:
+                return sid, None
+
+        sid, row = await db(read)
         if row is None or row.agent_id != sid:
             raise ApiError(404, f"agent {agent_id!r} has no episode {episode_id}", "not_found_error",
                            code="episode_not_found")

@@ -64,6 +64,10 @@ PromptSetId = Annotated[
     str, AfterValidator(known_prompt_set), Field(json_schema_extra=lambda schema: schema.update(enum=sorted(PROMPT_SETS)))
 ]
 Reward = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+#: A time stamp: finite and not before 1970 (JSON's ``NaN``, ``Infinity`` and ``1e999`` are refused).
+UnixSeconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+#: Largest context version number accepted (SQLite integers are 64-bit).
+MAX_VERSION = 2**62
 
 
 class _Strict(BaseModel):
@@ -135,10 +139,10 @@ class ExportVersion(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    version: json_int(ge=0)
+    version: json_int(ge=0, le=MAX_VERSION)
     text: SafeText
-    created_at: Optional[float] = None
-    parent_version: Optional[json_int()] = None
+    created_at: Optional[UnixSeconds] = Field(default=None, description="Unix time, seconds (default: the import time).")
+    parent_version: Optional[json_int(ge=0, le=MAX_VERSION)] = None
     source: Optional[str] = None
     note: Optional[str] = None
 
@@ -152,7 +156,7 @@ class ExportDocument(BaseModel):
     format_version: Literal[1]
     agent_id: Optional[AgentIdField] = None
     settings: dict[str, Any] = Field(default_factory=dict)
-    head_version: Optional[json_int()] = None
+    head_version: Optional[json_int(ge=0, le=MAX_VERSION)] = None
     versions: list[ExportVersion] = Field(min_length=1, description="Oldest first; entry i must have version i.")
 
 

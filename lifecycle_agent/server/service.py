@@ -10,21 +10,30 @@ Concurrency rules:
   a client that hangs up does not cut an episode in half, and shutdown waits for them;
 - updates of one agent (feedback, rollback, a hand-written context, delete) hold that
   agent's lock, so concurrent feedbacks land as successive context versions, none lost;
-- chat completions take no lock: they read the current context and never write it.
+  once it holds the lock, an update checks again that the agent exists (a delete queued
+  before it may have removed it) and answers 404 instead of writing;
+- chat completions take no lock: they read the current context and never write it;
+- SQLite never runs on the event loop: every store call, and every step of a flow (which
+  reads and writes the store), runs on the store's own worker thread, one at a time.
+  A write waiting for another process's lock then holds up other database requests,
+  never ``/healthz`` or the model calls in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
-from typing import Any, Awaitable, Optional, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Generator, Optional, TypeVar
 
-from ..agent import LifecycleAgent, TaskRecord, adrive
+from ..agent import LifecycleAgent, ModelCall, TaskRecord
 from ..errors import ModelCallError
 from ..models.base import ChatModel, Generation
 from ..store import ContextVersion, EpisodeRow, Store
 
 T = TypeVar("T")
+Flow = Generator[ModelCall, Generation, Any]
 _timeout = getattr(asyncio, "timeout", None)
 
 
@@ -73,6 +82,17 @@ def new_completion_id() -> str:
     return "chatcmpl-" + secrets.token_urlsafe(18)
 
 
+def _step(advance: Callable[[Any], ModelCall], value: Any, finish: Callable[[Any], Any]) -> tuple[bool, Any]:
+    """One step of a flow: ``(False, next model call)`` or ``(True, finish(the flow's result))``.
+
+    A ``StopIteration`` cannot cross a thread's future, so the end of the flow is returned.
+    """
+    try:
+        return False, advance(value)
+    except StopIteration as stop:
+        return True, finish(stop.value)
+
+
 class AgentService:
     """Agents of one store served over one model.
 
@@ -91,6 +111,7 @@ class AgentService:
         self._agents: dict[str, LifecycleAgent] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._episodes: set[asyncio.Task] = set()
+        self._store_thread: Optional[ThreadPoolExecutor] = None  # started on first use, stopped by close()
         self.draining = False
 
     # ------------------------------------------------------------------ bookkeeping
@@ -102,21 +123,35 @@ class AgentService:
     def agents_loaded(self) -> int:
         return len(self._agents)
 
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` (store calls) on the store's thread, so the event loop never waits for SQLite."""
+        if self._store_thread is None:
+            # The store has one connection, used one call at a time: one thread is all it can use,
+            # and it keeps store calls in arrival order.
+            self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifecycle-agent-store")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._store_thread, functools.partial(fn, *args, **kwargs))
+
     def agent(self, stored_id: str) -> LifecycleAgent:
-        """The cached agent object of an existing agent (the caller checked it exists)."""
+        """The cached agent object of an existing agent (store thread only).
+
+        Never creates an agent: raises ``AgentNotFoundError`` when it does not exist.
+        """
         agent = self._agents.get(stored_id)
         if agent is None:
-            agent = self._agents[stored_id] = LifecycleAgent(self.model, self.store, stored_id)
+            agent = self._agents[stored_id] = LifecycleAgent(self.model, self.store, stored_id, create=False)
         return agent
+
+    def existing(self, stored_id: str) -> LifecycleAgent:
+        """Like :meth:`agent`, after checking the agent is still stored (a delete may have run meanwhile)."""
+        self.store.get_agent(stored_id)  # AgentNotFoundError when gone
+        return self.agent(stored_id)
 
     def lock(self, stored_id: str) -> asyncio.Lock:
         lock = self._locks.get(stored_id)
         if lock is None:
             lock = self._locks[stored_id] = asyncio.Lock()
         return lock
-
-    def forget(self, stored_id: str) -> None:
-        self._agents.pop(stored_id, None)
 
     async def episode(self, work: Awaitable[T]) -> T:
         """Run ``work`` as a tracked task that finishes even if the awaiting request is cancelled."""
@@ -133,6 +168,30 @@ class AgentService:
             _, pending = await asyncio.wait(pending, timeout=timeout_s)
         return len(pending)
 
+    async def drive(self, start: Callable[[], Flow], model: ChatModel, finish: Callable[[Any], T]) -> T:
+        """:func:`~lifecycle_agent.agent.adrive` with the flow's steps (its store work) on the store's thread.
+
+        ``start()`` makes the flow and ``finish(result)`` turns its result into the answer, both
+        on the store's thread with the flow's first and last steps. Model calls are awaited on
+        the event loop; a failed call is thrown into the flow, which records it, as in ``adrive``.
+        """
+
+        def first() -> tuple[Flow, bool, Any]:
+            flow = start()
+            return (flow, *_step(flow.send, None, finish))
+
+        flow, done, value = await self.db(first)
+        while not done:
+            call: ModelCall = value
+            try:
+                reply = await model.agenerate(call.messages, temperature=call.temperature,
+                                              max_new_tokens=call.max_new_tokens)
+            except ModelCallError as exc:
+                done, value = await self.db(_step, flow.throw, exc, finish)
+            else:
+                done, value = await self.db(_step, flow.send, reply, finish)
+        return value
+
     # ------------------------------------------------------------------ chat + feedback
     async def chat(
         self,
@@ -145,13 +204,21 @@ class AgentService:
         """A solve episode over chat messages. Returns ``(completion_id, episode, reply)``.
 
         The completion id is stored as the episode's task id (indexed), which is how
-        :meth:`feedback` finds the episode again.
+        :meth:`feedback` finds the episode again. Raises ``AgentNotFoundError`` when the
+        agent does not exist.
         """
         completion_id = new_completion_id()
-        flow = self.agent(stored_id).chat_flow(messages, task_id=completion_id)
         policy = CallPolicy(self.model, self.model_timeout_s, temperature, max_new_tokens)
-        episode_id, reply = await self.episode(adrive(flow, policy))
-        return completion_id, self.store.get_episode(episode_id), reply
+
+        def start() -> Flow:
+            return self.agent(stored_id).chat_flow(messages, task_id=completion_id)
+
+        def finish(result: tuple[int, Generation]) -> tuple[EpisodeRow, Generation]:
+            episode_id, reply = result
+            return self.store.get_episode(episode_id), reply
+
+        episode, reply = await self.episode(self.drive(start, policy, finish))
+        return completion_id, episode, reply
 
     def find_completion(self, stored_id: str, completion_id: str) -> Optional[EpisodeRow]:
         rows = self.store.episodes(stored_id, kind="solve", task_id=completion_id, limit=1)
@@ -163,27 +230,47 @@ class AgentService:
         """The update episode for a rated completion, under the agent's lock.
 
         Returns the record, the context after the update, and the call policy (which says
-        whether the model timed out). Raises ``FeedbackConflictError`` when already rated.
+        whether the model timed out). Raises ``FeedbackConflictError`` when already rated,
+        ``AgentNotFoundError`` when the agent was deleted (also while this waited for the lock).
         """
         policy = CallPolicy(self.model, self.model_timeout_s)
 
+        def start() -> Flow:
+            return self.existing(stored_id).feedback_flow(episode_id, reward, feedback)
+
+        def finish(record: TaskRecord) -> tuple[TaskRecord, ContextVersion]:
+            if record.new_context_version is not None:
+                return record, self.store.get_version(stored_id, record.new_context_version)
+            return record, self.store.head(stored_id)
+
         async def locked() -> tuple[TaskRecord, ContextVersion]:
             async with self.lock(stored_id):
-                record = await adrive(self.agent(stored_id).feedback_flow(episode_id, reward, feedback), policy)
-                version = (
-                    self.store.get_version(stored_id, record.new_context_version)
-                    if record.new_context_version is not None
-                    else self.store.head(stored_id)
-                )
-                return record, version
+                return await self.drive(start, policy, finish)
 
         record, version = await self.episode(locked())
         return record, version, policy
 
-    async def write(self, stored_id: str, fn, *args: Any) -> Any:
-        """Run a context write (rollback, edit, delete) under the agent's update lock."""
+    async def write(self, stored_id: str, fn: Callable[[LifecycleAgent], T]) -> T:
+        """``fn(agent)`` (a rollback or an edit) under the agent's update lock, on the store's thread.
+
+        Raises ``AgentNotFoundError`` when the agent is gone by the time the lock is held.
+        """
         async with self.lock(stored_id):
-            return fn(*args)
+            return await self.db(lambda: fn(self.existing(stored_id)))
+
+    async def delete(self, stored_id: str) -> None:
+        """Delete an agent under its update lock (updates queued behind it then find it gone: 404)."""
+
+        def delete() -> None:
+            self.store.delete_agent(stored_id)
+            self._agents.pop(stored_id, None)
+
+        async with self.lock(stored_id):
+            await self.db(delete)
 
     def close(self) -> None:
+        """Forget the cached agents and stop the store's thread (after the store calls queued on it)."""
         self._agents.clear()
+        if self._store_thread is not None:
+            self._store_thread.shutdown(wait=True)
+            self._store_thread = None
