@@ -127,7 +127,7 @@ def run_ours(args, model_spec: str, device: str) -> dict:
             group_size=args.group_size, pack_size=args.pack_size, packs_per_step=args.packs_per_step,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, learning_rate=1e-5,
             lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, save_steps=10**6, report=False, progress=False,
-            keep_rollouts=False, device=device, loss_type="cod",
+            keep_rollouts=False, device=device, loss_type="cod", gradient_checkpointing=args.gradient_checkpointing,
         )
         train(config, callbacks=[clock])
     tokens = [log["tokens/completion"] for log in clock.logs]
@@ -186,7 +186,8 @@ def run_stock(args, model_path: str, device: str) -> dict:
             output_dir=tmp, max_steps=args.steps + 1, learning_rate=1e-5, per_device_train_batch_size=completions,
             num_generations=args.group_size, max_completion_length=args.max_new_tokens, temperature=args.temperature,
             top_k=0, top_p=1.0, loss_type="dapo", beta=0.0, logging_steps=1, save_strategy="no", report_to="none",
-            bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=device == "cpu", activation_checkpointing=False,
+            bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=device == "cpu",
+            activation_checkpointing=args.gradient_checkpointing,
             disable_dropout=True, disable_tqdm=True, seed=0, shuffle_dataset=False,
         )
         lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -234,6 +235,7 @@ def worker_argv(args, which: str) -> list[str]:
         argv += ["--device", args.device]
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    argv.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
     return argv
 
 
@@ -249,6 +251,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads for both trainers (default: one per core)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="activation checkpointing in both trainers (default on, as in both trainers' defaults)")
     parser.add_argument("--which", choices=["both", "ours", "stock"], default="both")
     parser.add_argument("--out", default=str(HERE / "results" / "train_throughput.json"))
     parser.add_argument("--worker", choices=["ours", "stock"], help=argparse.SUPPRESS)
@@ -276,7 +280,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}",
         "shape": {"group_size": args.group_size, "pack_size": args.pack_size, "packs_per_step": args.packs_per_step,
                   "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "lora_rank": args.lora_rank,
-                  "timed_steps": args.steps, "threads": args.threads},
+                  "timed_steps": args.steps, "threads": args.threads,
+                  "gradient_checkpointing": args.gradient_checkpointing},
         "results": results,
     }
     if "ours" in results and "stock" in results:

@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterable, Callable, Generator, Iterable, Literal, Optional
+from typing import Any, AsyncIterable, Awaitable, Callable, Generator, Iterable, Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -111,19 +111,34 @@ def drive(flow: _Flow, model: ChatModel) -> Any:
         return stop.value
 
 
-async def adrive(flow: _Flow, model: ChatModel) -> Any:
-    """Run a loop generator to completion with awaited model calls."""
-    try:
-        call = next(flow)
-        while True:
-            try:
-                reply = await model.agenerate(call.messages, temperature=call.temperature, max_new_tokens=call.max_new_tokens)
-            except ModelCallError as exc:
-                call = flow.throw(exc)
-            else:
-                call = flow.send(reply)
-    except StopIteration as stop:
-        return stop.value
+async def adrive(flow: _Flow, model: ChatModel, *, run_step: Optional[Callable[..., Awaitable[Any]]] = None) -> Any:
+    """Run a loop generator to completion with awaited model calls.
+
+    ``run_step`` (optional) runs each step of the flow, which is where its store work
+    happens: ``await run_step(fn, *args)``. The server passes one that runs steps on the
+    store's worker thread, so SQLite never blocks the event loop.
+    """
+
+    def step(advance: Callable[[Any], ModelCall], value: Any) -> tuple[bool, Any]:
+        # StopIteration cannot cross a thread's future: return the end of the flow instead.
+        try:
+            return False, advance(value)
+        except StopIteration as stop:
+            return True, stop.value
+
+    async def advance(fn: Callable[[Any], ModelCall], value: Any) -> tuple[bool, Any]:
+        return step(fn, value) if run_step is None else await run_step(step, fn, value)
+
+    done, value = await advance(flow.send, None)
+    while not done:
+        call: ModelCall = value
+        try:
+            reply = await model.agenerate(call.messages, temperature=call.temperature, max_new_tokens=call.max_new_tokens)
+        except ModelCallError as exc:
+            done, value = await advance(flow.throw, exc)
+        else:
+            done, value = await advance(flow.send, reply)
+    return value
 
 
 def _step_result(value: Any, where: str) -> StepResult:

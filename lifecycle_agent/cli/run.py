@@ -120,7 +120,7 @@ def run(
             title = f"task {record.position} · reward {reward} · answer {_short(record.answer, 30)!s}"
             body = record.error if record.status == "failed" else (lifecycle.context or "(empty)")
             subtitle = (
-                f"failed" if record.status == "failed"
+                "failed" if record.status == "failed"
                 else f"context v{record.new_context_version if record.new_context_version is not None else record.context_version}"
                 f" · update {record.update_status or '-'}"
             )

@@ -27,7 +27,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Generator, Optional, TypeVar
 
-from ..agent import LifecycleAgent, ModelCall, TaskRecord
+from ..agent import LifecycleAgent, ModelCall, TaskRecord, adrive
 from ..errors import ModelCallError
 from ..models.base import ChatModel, Generation
 from ..store import ContextVersion, EpisodeRow, Store
@@ -80,17 +80,6 @@ class CallPolicy(ChatModel):
 def new_completion_id() -> str:
     """An unguessable completion id (144 random bits)."""
     return "chatcmpl-" + secrets.token_urlsafe(18)
-
-
-def _step(advance: Callable[[Any], ModelCall], value: Any, finish: Callable[[Any], Any]) -> tuple[bool, Any]:
-    """One step of a flow: ``(False, next model call)`` or ``(True, finish(the flow's result))``.
-
-    A ``StopIteration`` cannot cross a thread's future, so the end of the flow is returned.
-    """
-    try:
-        return False, advance(value)
-    except StopIteration as stop:
-        return True, finish(stop.value)
 
 
 class AgentService:
@@ -172,25 +161,12 @@ class AgentService:
         """:func:`~lifecycle_agent.agent.adrive` with the flow's steps (its store work) on the store's thread.
 
         ``start()`` makes the flow and ``finish(result)`` turns its result into the answer, both
-        on the store's thread with the flow's first and last steps. Model calls are awaited on
-        the event loop; a failed call is thrown into the flow, which records it, as in ``adrive``.
+        on the store's thread. Model calls are awaited on the event loop; a failed call is thrown
+        into the flow, which records it.
         """
-
-        def first() -> tuple[Flow, bool, Any]:
-            flow = start()
-            return (flow, *_step(flow.send, None, finish))
-
-        flow, done, value = await self.db(first)
-        while not done:
-            call: ModelCall = value
-            try:
-                reply = await model.agenerate(call.messages, temperature=call.temperature,
-                                              max_new_tokens=call.max_new_tokens)
-            except ModelCallError as exc:
-                done, value = await self.db(_step, flow.throw, exc, finish)
-            else:
-                done, value = await self.db(_step, flow.send, reply, finish)
-        return value
+        flow = await self.db(start)
+        result = await adrive(flow, model, run_step=self.db)
+        return await self.db(finish, result)
 
     # ------------------------------------------------------------------ chat + feedback
     async def chat(
