@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +46,7 @@ def solve_task_ids(out):
 def trained(tmp_path_factory, tiny_llama):
     """One 2-step run (G=2, S=2) shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("run") / "out"
-    result = train(tiny_config(out, tiny_llama), command="lifecycle-agent train --lora ...")
+    result = train(tiny_config(out, tiny_llama, progress=True), command="lifecycle-agent train --lora ...")
     return out, result
 
 
@@ -209,3 +215,30 @@ def test_trl_loss_with_kl_against_the_base_model_trains(tmp_path, tiny_llama):
     train(tiny_config(out, tiny_llama, max_steps=1, loss_type="grpo", beta=0.1))
     step = steps_of(out)[0]
     assert math.isfinite(step["loss"]) and "kl" in step
+
+
+def test_two_processes_share_the_rollouts_of_a_pack(tmp_path, tiny_llama):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "lifecycle_agent", "train", "--lora", "--model", f"hf:{tiny_llama}",
+         "--env", "test_trainer_helpers:ReplyLength", "--steps", "2", "--group-size", "2", "--pack-size", "2",
+         "--max-new-tokens", "12", "--lr", "1e-2", "--output", str(out), "--no-report", "--no-progress",
+         "--device", "cpu", "--json"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for db in ("rollouts.db", "rollouts-rank1.db"):  # each process ran one rollout of every pack
+        with Store(str(out / db)) as store:
+            assert len([a for a in store.list_agents() if re.search(r"-r\d+$", a.agent_id)]) == 2
+    # one rollout per process: only rewards gathered across processes give a non-zero group advantage
+    assert any(step["grad_norm"] > 0 for step in steps_of(out))
+
+
+def test_progress_shows_loss_rewards_by_position_and_parse_failures():
+    from trainer.callbacks import progress_status
+
+    logs = {"loss": 0.0123, "reward/fact-recall/pos1": 0.5, "reward/fact-recall/pos0": 0.25, "reward/fact-recall/mean": 0.4,
+            "update/parse_failure_rate": 0.75}
+    assert progress_status(logs) == "loss 0.0123 | fact-recall 0.25 0.50 | parse fail 0.75"

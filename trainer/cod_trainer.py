@@ -42,7 +42,9 @@ from .cod_config import CoDConfig, check_trainable_spec, resolve_precision
 from .credit import batch_advantages
 from .errors import NonFiniteLossError, OutputDirError
 from .loss import cod_policy_loss_sum
-from .rollout import PackSpec, Rollout, RolloutCollector, RolloutSettings, rollout_metrics, summarize, training_rows
+from .rollout import (
+    PackSpec, Rollout, RolloutCollector, RolloutSettings, rollout_metrics, run_sync, summarize, training_rows,
+)
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -217,8 +219,6 @@ class CoDTrainer(GRPOTrainer):
         added, the others return ``None``.
         """
         from lifecycle_agent.eval import aevaluate
-
-        from .rollout import run_sync
 
         c = self.cod
         peft_model = self.accelerator.unwrap_model(self.model)
@@ -430,6 +430,8 @@ class TrainResult:
     resumed_from: Optional[str] = None
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True
+    """Whether this is the main process (under ``torchrun`` / ``accelerate launch`` every process returns one)."""
 
 
 def train(
@@ -463,14 +465,14 @@ def train(
     from .callbacks import FiniteGradients, HeldOutEval, MetricsFile, RewardProgress, TimeBudget
 
     started = time.perf_counter()
-    state = PartialState()
-    config.validate(world_size=state.num_processes)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     device, dtype = resolve_precision(
         config.device, config.dtype, cuda_available=torch.cuda.is_available(),
         bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
+    state = PartialState(cpu=device == "cpu")  # under torchrun / accelerate launch: this process's rank
+    config.validate(world_size=state.num_processes)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     out = Path(config.output_dir).expanduser()
     checkpoint = None
     if state.is_main_process:
@@ -530,5 +532,5 @@ def train(
     return TrainResult(
         output_dir=str(out), adapter_dir=str(out), steps=trainer.state.global_step, metrics_path=str(out / METRICS_FILE),
         before=evaluation.before, after=after, report_path=report_path, resumed_from=checkpoint,
-        seconds=time.perf_counter() - started, summary=dict(output.metrics),
+        seconds=time.perf_counter() - started, summary=dict(output.metrics), main_process=state.is_main_process,
     )

@@ -165,6 +165,8 @@ def train_command(
             f"lifecycle-agent train --lora --output {shlex.quote(str(output))} --resume"
         )
         raise typer.Exit(130)
+    if not result.main_process:
+        return  # under torchrun / accelerate launch the main process reports
     if as_json:
         print_json(dataclasses.asdict(result))
         return
