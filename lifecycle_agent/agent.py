@@ -576,20 +576,8 @@ class LifecycleAgent:
             run_id: a name for this run in the store (default: a new id).
             on_record: called with each :class:`TaskRecord` as it completes (progress bars).
         """
-        result, plan = self._begin(tasks, resume, update_after_last, limit, run_id)
-        try:
-            for task, position, update, state in plan:
-                if state == "done":
-                    result.skipped.append(task.id)
-                    continue
-                record = drive(self.solve_flow(task, position, run_id=result.run_id, update=update), self.model)
-                if self._after(result, record, on_record, fail_fast):
-                    break
-        except BaseException:
-            self._end(result, "interrupted")
-            raise
-        self._end(result, "stopped" if result.stopped else "completed")
-        return result
+        return drive(self.run_flow(tasks, resume=resume, fail_fast=fail_fast, update_after_last=update_after_last,
+                                   limit=limit, run_id=run_id, on_record=on_record), self.model)
 
     async def arun(
         self,
@@ -603,13 +591,32 @@ class LifecycleAgent:
         on_record: Optional[Callable[[TaskRecord], None]] = None,
     ) -> RunResult:
         """Async twin of :meth:`run` (model calls are awaited; several agents can run concurrently)."""
+        flow = self.run_flow(tasks, resume=resume, fail_fast=fail_fast, update_after_last=update_after_last,
+                             limit=limit, run_id=run_id, on_record=on_record)
+        return await adrive(flow, self.model)
+
+    def run_flow(
+        self,
+        tasks: Iterable[Any],
+        *,
+        resume: bool = True,
+        fail_fast: bool = False,
+        update_after_last: bool = True,
+        limit: Optional[int] = None,
+        run_id: Optional[str] = None,
+        on_record: Optional[Callable[[TaskRecord], None]] = None,
+    ) -> _Flow:
+        """The whole run as one flow (yields :class:`ModelCall`, returns :class:`RunResult`).
+
+        :meth:`run` drives it with blocking calls and :meth:`arun` with awaits; arguments as in :meth:`run`.
+        """
         result, plan = self._begin(tasks, resume, update_after_last, limit, run_id)
         try:
             for task, position, update, state in plan:
                 if state == "done":
                     result.skipped.append(task.id)
                     continue
-                record = await adrive(self.solve_flow(task, position, run_id=result.run_id, update=update), self.model)
+                record = yield from self.solve_flow(task, position, run_id=result.run_id, update=update)
                 if self._after(result, record, on_record, fail_fast):
                     break
         except BaseException:
@@ -647,17 +654,15 @@ class LifecycleAgent:
 
     def solve(self, task: Any, *, update: bool = True) -> TaskRecord:
         """Solve one task now (and update the context), ignoring resume state. Returns its record."""
-        item = next(iter_tasks([task]))
-        position = self.store.count_episodes(self.agent_id, "solve")
-        return drive(self._fresh_flow(item, position, update), self.model)
+        return drive(self._fresh_flow(task, update), self.model)
 
     async def asolve(self, task: Any, *, update: bool = True) -> TaskRecord:
         """Async twin of :meth:`solve`."""
-        item = next(iter_tasks([task]))
-        position = self.store.count_episodes(self.agent_id, "solve")
-        return await adrive(self._fresh_flow(item, position, update), self.model)
+        return await adrive(self._fresh_flow(task, update), self.model)
 
-    def _fresh_flow(self, task, position, update):
+    def _fresh_flow(self, item, update):
+        task = next(iter_tasks([item]))
+        position = self.store.count_episodes(self.agent_id, "solve")
         started = time.perf_counter()
         head = self.store.head(self.agent_id)
         context = head.text if self.context_mode != "none" else ""

@@ -473,3 +473,16 @@ def test_create_false_refuses_unknown_agent(db_path, scripted):
 
     with pytest.raises(AgentNotFoundError, match="no agent 'ghost'"):
         LifecycleAgent(scripted, db_path, "ghost", create=False)
+
+
+def test_solve_one_task_now_ignores_resume_state(make_agent):
+    agent = make_agent(model=two_step_model())
+    first = agent.solve(Task(prompt="q", answer="1", id="same"))
+    again = agent.solve(Task(prompt="q", answer="1", id="same"))
+    assert (first.reward, again.reward) == (1.0, 1.0) and again.position == 1 and agent.context_version == 2
+
+
+def test_asolve_matches_solve(make_agent):
+    agent = make_agent(model=two_step_model())
+    record = asyncio.run(agent.asolve("hello", update=False))
+    assert record.status == "ok" and record.update_status is None and agent.context_version == 0
