@@ -420,7 +420,8 @@ def test_alchemy_partial_credit_counts_made_ingredients():
     first = task.oracle_action()
     task.step(first)
     result = task.timeout_result()
-    assert result.reward == pytest.approx(0.5 * 1 / len(task.needed))
+    # half the share of the intermediate ingredients made (the target itself is not one)
+    assert result.reward == pytest.approx(0.5 * 1 / (len(task.needed) - 1))
 
 
 def test_alchemy_without_partial_credit_gives_zero_on_timeout():
@@ -677,3 +678,85 @@ def test_observations_stay_compact(name):
     task = envs.make(name, preset="hard").pack(seed=1, size=1).tasks[0]
     assert len(task.start()) < 1200
     assert math.isfinite(task.optimum())
+
+
+def test_alchemy_partial_credit_is_zero_for_a_target_made_from_base_items():
+    env = envs.make("alchemy", partial_credit=True)
+    for seed in range(50):
+        task = env.pack(seed=seed, size=1).tasks[0]
+        task.start()
+        if len(task.needed) == 1:
+            assert task.timeout_result().reward == 0.0
+            return
+    pytest.skip("no tier-1 target in 50 seeds")
+
+
+def test_terminal_globs_never_cross_directories():
+    from lifecycle_agent.envs.terminal import Shell
+
+    shell = Shell({"/var/lib/app/app.lock": "1\n", "/app.cfg": "x\n"}, set(), ())
+    assert "/var/lib/app/app.lock" not in shell.run("ls /*.lock")
+    shell.run("rm -f /*app.lock")
+    assert "/var/lib/app/app.lock" in shell.files
+    assert shell.run("ls /*.cfg").strip() == "/app.cfg"
+
+
+def _lock_task():
+    for seed in range(200):
+        pack = envs.make("terminal").pack(seed=seed, size=6)
+        for task in pack.tasks:
+            if task.chore == "lock":
+                return task
+    pytest.skip("no lock chore in 200 seeds")
+
+
+def test_terminal_wiping_the_machine_fails_the_chore():
+    task = _lock_task()
+    task.start()
+    result = task.step("rm -rf /")
+    assert (result.reward, result.done) == (0.0, True) and "did not ask to touch" in result.feedback
+
+
+def test_terminal_recursive_rm_respects_write_protection():
+    from lifecycle_agent.envs.terminal import Shell
+
+    shell = Shell({"/run/app/app.lock": "1\n"}, {"/run/app/app.lock"}, ("rm_needs_force",))
+    assert "use -f" in shell.run("rm -r /run/app")
+    assert "/run/app/app.lock" in shell.files
+
+
+def test_terminal_grep_treats_patterns_as_fixed_strings():
+    import time
+
+    from lifecycle_agent.envs.terminal import Shell
+
+    shell = Shell({"/log": "a" * 40 + "\n" + "x (a*)*b y\n"}, set(), ())
+    started = time.perf_counter()
+    assert shell.run("grep '(a*)*b' /log").strip() == "x (a*)*b y"
+    assert time.perf_counter() - started < 1.0
+
+
+def test_terminal_disk_is_bounded():
+    from lifecycle_agent.envs.terminal import MAX_FILE_CHARS, Shell
+
+    shell = Shell({"/tmp/a": "x" * 1000 + "\n"}, set(), ())
+    outputs = [shell.run("cat /tmp/a >> /tmp/a") for _ in range(10)]
+    assert any("No space left on device" in out for out in outputs)
+    assert len(shell.files["/tmp/a"]) <= MAX_FILE_CHARS
+
+
+def test_terminal_refuses_overlong_command_chains():
+    from lifecycle_agent.envs.terminal import MAX_COMMANDS_PER_LINE, Shell
+
+    shell = Shell({"/a": "x\n"}, set(), ())
+    assert "at most" in shell.run(" ; ".join(["pwd"] * (MAX_COMMANDS_PER_LINE + 1)))
+
+
+def test_action_parsing_cost_is_bounded_on_runaway_replies():
+    import time
+
+    from lifecycle_agent.envs.parsing import labelled
+
+    started = time.perf_counter()
+    assert labelled("action" + " " * 100_000) is None
+    assert time.perf_counter() - started < 1.0

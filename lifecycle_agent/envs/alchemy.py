@@ -150,8 +150,13 @@ class AlchemyTask(EnvTask):
     def _partial(self) -> float:
         if not self.partial_credit:
             return 0.0
-        made = [item for item in self.needed[:-1] if item in self.inventory]
-        return 0.5 * len(made) / len(self.needed)
+        # ``needed`` ends with the target itself, which a failed task never made: the share is
+        # over the intermediate ingredients only (none for a target made from base items).
+        intermediates = self.needed[:-1]
+        if not intermediates:
+            return 0.0
+        made = [item for item in intermediates if item in self.inventory]
+        return 0.5 * len(made) / len(intermediates)
 
     def timeout_result(self) -> StepResult:
         reward = self._partial()

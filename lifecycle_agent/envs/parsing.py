@@ -32,9 +32,14 @@ def strip_markup(text: str) -> str:
     return text.strip().strip("*_`\"'").strip().rstrip(".;,!").strip()
 
 
+#: Longest reply (characters) the action parsers read; longer replies keep their last part,
+#: where answers usually are. Bounds the parsers' cost on runaway replies.
+MAX_REPLY_CHARS = 8000
+
+
 def labelled(reply: str) -> Optional[str]:
     """The value of the last ``Action:`` / ``Answer:`` / ``Move:`` (and similar) line, if any."""
-    found = _LABELLED.findall(reply or "")
+    found = _LABELLED.findall((reply or "")[-MAX_REPLY_CHARS:])
     return strip_markup(found[-1]) if found else None
 
 
