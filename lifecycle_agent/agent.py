@@ -615,6 +615,8 @@ class LifecycleAgent:
             for task, position, update, state in plan:
                 if state == "done":
                     result.skipped.append(task.id)
+                    if getattr(task, "replay_on_resume", False):
+                        self._replay(task)
                     continue
                 record = yield from self.solve_flow(task, position, run_id=result.run_id, update=update)
                 if self._after(result, record, on_record, fail_fast):
@@ -624,6 +626,16 @@ class LifecycleAgent:
             raise
         self._end(result, "stopped" if result.stopped else "completed")
         return result
+
+    def _replay(self, task: AnyTask) -> None:
+        """Play a completed task's stored actions again (no model call), rebuilding the state it left behind."""
+        rows = self.store.episodes(self.agent_id, kind="solve", task_id=task.id, newest_first=True, limit=1)
+        if not rows:
+            return
+        task.start()
+        for message in rows[0].messages:
+            if message.get("role") == "assistant" and _step_result(task.step(message["content"]), f"task {task.id!r}").done:
+                break
 
     def _begin(self, tasks, resume, update_after_last, limit, run_id):
         if isinstance(tasks, (str, bytes)) or isinstance(tasks, (Task, dict)):

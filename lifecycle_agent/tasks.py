@@ -44,6 +44,11 @@ class InteractiveTask(ABC):
     id: str
     max_turns: int = 8
     instructions: Optional[str] = None
+    #: Replay this task's stored actions when a resumed run skips it. Set it on tasks whose
+    #: play changes state shared with later tasks (e.g. cells revealed across a pack), so a
+    #: resumed run sees what an uninterrupted one would. Leave it off for tasks with side
+    #: effects outside the process (commands, files): those must never run twice.
+    replay_on_resume: bool = False
 
     @abstractmethod
     def start(self) -> str:

@@ -486,3 +486,45 @@ def test_asolve_matches_solve(make_agent):
     agent = make_agent(model=two_step_model())
     record = asyncio.run(agent.asolve("hello", update=False))
     assert record.status == "ok" and record.update_status is None and agent.context_version == 0
+
+
+def test_resumed_pack_with_shared_state_sees_what_an_uninterrupted_one_sees(db_path):
+    from lifecycle_agent import envs
+    from lifecycle_agent.models import CallableModel
+
+    def mover(messages):
+        if is_update(messages):
+            return note("keep moving")
+        return "Move: down"
+
+    def first_observations(agent):
+        return [e.messages[1]["content"] for e in agent.episodes(kind="solve")]
+
+    env = envs.make("grid-navigation")
+    whole = LifecycleAgent(CallableModel(mover), db_path, "whole")
+    whole.run(env.pack(seed=4, size=3).tasks)
+
+    resumed = LifecycleAgent(CallableModel(mover), db_path, "resumed")
+    resumed.run(env.pack(seed=4, size=3).tasks, limit=1)            # interrupted after task 0
+    resumed.run(env.pack(seed=4, size=3).tasks)                     # a fresh pack object, as after a restart
+    assert first_observations(resumed) == first_observations(whole)
+
+
+def test_tasks_without_replay_are_never_played_twice(make_agent):
+    plays = []
+
+    class Once(InteractiveTask):
+        id = "once"
+        max_turns = 1
+
+        def start(self):
+            plays.append("start")
+            return "go"
+
+        def step(self, action):
+            return ("", 1.0, True, None)
+
+    agent = make_agent(model=two_step_model())
+    agent.run([Once()])
+    agent.run([Once()])
+    assert plays == ["start"]

@@ -165,6 +165,8 @@ class GridNavigationTask(EnvTask):
             if self.start_cell[0] != self.target[0] and self.start_cell[1] != self.target[1]:
                 break
         self.reveal_across_pack = options["reveal_across_pack"]
+        # Cells this task reveals stay revealed for later tasks: a resumed run replays it.
+        self.replay_on_resume = bool(self.reveal_across_pack)
         self._optimum: Optional[float] = None
         self.position, self.turns, self.spent, self.entered = self.start_cell, 0, 0, 0
         self.seen: set[tuple[int, int]] = set()
