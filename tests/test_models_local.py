@@ -32,16 +32,32 @@ PROMPTS = [
 
 
 def count_generate_calls(monkeypatch, local_model):
-    """Wrap the transformers model's generate(); returns the list of batch sizes seen."""
+    """The batch sizes a LocalModel starts: rows per ``generate()`` call (static scheduling)
+    or rows per admission (continuous scheduling). Returns the live list."""
     sizes = []
-    original = local_model.model.generate
+    if local_model.scheduling == "static":
+        original = local_model.model.generate
 
-    def wrapped(*args, **kwargs):
-        sizes.append(int(kwargs["input_ids"].shape[0]))
-        return original(*args, **kwargs)
+        def wrapped(*args, **kwargs):
+            sizes.append(int(kwargs["input_ids"].shape[0]))
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(local_model.model, "generate", wrapped)
+        monkeypatch.setattr(local_model.model, "generate", wrapped)
+    else:
+        from lifecycle_agent.models import local as local_module
+
+        original_admit = local_module._Continuous._admit
+
+        def admit(self, new):
+            sizes.append(len(new))
+            return original_admit(self, new)
+
+        monkeypatch.setattr(local_module._Continuous, "_admit", admit)
     return sizes
+
+
+#: both batch schedulers run the batching tests
+SCHEDULERS = pytest.mark.parametrize("scheduling", ["continuous", "static"])
 
 
 def run_threads(fn, args_list, timeout=60):
@@ -225,11 +241,12 @@ def test_context_limit(tiny_model):
 LONG_WAIT_MS = 20_000
 
 
-def test_concurrent_threads_are_batched(monkeypatch, tiny_dir):
+@SCHEDULERS
+def test_concurrent_threads_are_batched(monkeypatch, tiny_dir, scheduling):
     model = LocalModel.from_pretrained(
-        tiny_dir, device="cpu", max_new_tokens=8, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(PROMPTS)
+        tiny_dir, device="cpu", scheduling=scheduling, max_new_tokens=8, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(PROMPTS)
     )
-    single = LocalModel(model.model, model.tokenizer, max_new_tokens=8, batch_wait_ms=0)
+    single = LocalModel(model.model, model.tokenizer, scheduling=scheduling, max_new_tokens=8, batch_wait_ms=0)
     try:
         sizes = count_generate_calls(monkeypatch, model)
         solo = [single.generate(p, temperature=0) for p in PROMPTS]
@@ -251,8 +268,9 @@ def test_concurrent_threads_are_batched(monkeypatch, tiny_dir):
         single.close()
 
 
-def test_max_batch_size_is_respected(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=3, batch_wait_ms=50, max_batch_size=2)
+@SCHEDULERS
+def test_max_batch_size_is_respected(monkeypatch, tiny_dir, scheduling):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", scheduling=scheduling, max_new_tokens=3, batch_wait_ms=50, max_batch_size=2)
     try:
         sizes = count_generate_calls(monkeypatch, model)
         results = run_threads(lambda p: model.generate(p), [(p,) for p in PROMPTS])
@@ -262,10 +280,11 @@ def test_max_batch_size_is_respected(monkeypatch, tiny_dir):
         model.close()
 
 
-def test_mixed_temperatures_and_budgets_in_one_batch(monkeypatch, tiny_dir):
+@SCHEDULERS
+def test_mixed_temperatures_and_budgets_in_one_batch(monkeypatch, tiny_dir, scheduling):
     plans = [(PROMPTS[0], 0.0, 3), (PROMPTS[1], 0.7, 9), (PROMPTS[2], 0.0, 6), (PROMPTS[3], 1.3, 1)]
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(plans))
-    single = LocalModel(model.model, model.tokenizer, batch_wait_ms=0)
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", scheduling=scheduling, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(plans))
+    single = LocalModel(model.model, model.tokenizer, scheduling=scheduling, batch_wait_ms=0)
     try:
         solo = {i: single.generate(p, temperature=t, max_new_tokens=n) for i, (p, t, n) in enumerate(plans) if t == 0}
         sizes = count_generate_calls(monkeypatch, model)
@@ -286,11 +305,12 @@ def test_mixed_temperatures_and_budgets_in_one_batch(monkeypatch, tiny_dir):
         single.close()
 
 
-def test_async_agenerate_is_batched(monkeypatch, tiny_dir):
+@SCHEDULERS
+def test_async_agenerate_is_batched(monkeypatch, tiny_dir, scheduling):
     model = LocalModel.from_pretrained(
-        tiny_dir, device="cpu", max_new_tokens=6, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(PROMPTS)
+        tiny_dir, device="cpu", scheduling=scheduling, max_new_tokens=6, batch_wait_ms=LONG_WAIT_MS, max_batch_size=len(PROMPTS)
     )
-    pair = LocalModel(model.model, model.tokenizer, max_new_tokens=6, batch_wait_ms=LONG_WAIT_MS, max_batch_size=2)
+    pair = LocalModel(model.model, model.tokenizer, scheduling=scheduling, max_new_tokens=6, batch_wait_ms=LONG_WAIT_MS, max_batch_size=2)
     try:
         sizes = count_generate_calls(monkeypatch, model)
 
@@ -318,17 +338,18 @@ def test_async_agenerate_is_batched(monkeypatch, tiny_dir):
         pair.close()
 
 
-def test_worker_errors_reach_every_waiter(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=4, batch_wait_ms=50)
+@SCHEDULERS
+def test_worker_errors_reach_every_waiter(monkeypatch, tiny_dir, scheduling):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", scheduling=scheduling, max_new_tokens=4, batch_wait_ms=50)
     try:
-        original = model.model.generate
+        original = model.model.forward
         calls = []
 
         def broken(*args, **kwargs):
             calls.append(kwargs["input_ids"].shape[0])
             raise RuntimeError("boom in generate")
 
-        monkeypatch.setattr(model.model, "generate", broken)
+        monkeypatch.setattr(model.model, "forward", broken)
         results = run_threads(lambda p: model.generate(p), [(p,) for p in PROMPTS[:4]], timeout=30)
         assert all(isinstance(r, ModelCallError) for r in results), results
         assert all("boom in generate" in str(r) and model.model_id in str(r) for r in results)
@@ -339,16 +360,17 @@ def test_worker_errors_reach_every_waiter(monkeypatch, tiny_dir):
 
         assert all(isinstance(r, ModelCallError) for r in asyncio.run(main()))
         # the worker survives: the next call works
-        monkeypatch.setattr(model.model, "generate", original)
+        monkeypatch.setattr(model.model, "forward", original)
         check_generation(model.generate(HELLO), model, 4)
     finally:
         model.close()
 
 
-def test_cancelled_requests_are_skipped(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=2, batch_wait_ms=0)
+@SCHEDULERS
+def test_cancelled_requests_are_skipped(monkeypatch, tiny_dir, scheduling):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", scheduling=scheduling, max_new_tokens=2, batch_wait_ms=0)
     try:
-        original = model.model.generate
+        original = model.model.forward
         entered, release = threading.Event(), threading.Event()
 
         def slow(*args, **kwargs):
@@ -356,18 +378,233 @@ def test_cancelled_requests_are_skipped(monkeypatch, tiny_dir):
             assert release.wait(30)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(model.model, "generate", slow)
+        monkeypatch.setattr(model.model, "forward", slow)
         first = model._submit(HELLO, None, None)
         assert entered.wait(30)
         second = model._submit(PROMPTS[0], None, None)
         assert second.cancel()
         release.set()
         check_generation(first.result(30), model, 2)
-        monkeypatch.setattr(model.model, "generate", original)
+        monkeypatch.setattr(model.model, "forward", original)
         check_generation(model.generate(HELLO), model, 2)
         assert model.stats["requests"] == 2  # the cancelled one never ran
     finally:
         model.close()
+
+
+# ------------------------------------------------------------------ continuous scheduling
+
+
+LONG = [{"role": "user", "content": "Tell me a long story about lakes."}]
+
+
+def slow_forward(monkeypatch, model, seconds=0.005, fail=None):
+    """Slow every forward pass of ``model`` down (so a row is still decoding when the next
+    request arrives); ``fail(kwargs)`` may return an exception to raise instead."""
+    original = model.model.forward
+
+    def forward(*args, **kwargs):
+        if fail is not None:
+            exc = fail(kwargs)
+            if exc is not None:
+                raise exc
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", forward)
+    return original
+
+
+def wait_for(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's CUDA out-of-memory error, which the scheduler recognises by name."""
+
+
+def test_auto_scheduling_picks_continuous_for_llama(tiny_model):
+    assert tiny_model.scheduling == "continuous"
+
+
+def test_continuous_requests_join_and_leave_mid_batch(monkeypatch, tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=0, max_batch_size=4)
+    single = LocalModel(model.model, model.tokenizer, batch_wait_ms=0)
+    try:
+        solo_long = single.generate(LONG, temperature=0, max_new_tokens=120)
+        solo_short = single.generate(HELLO, temperature=0, max_new_tokens=3)
+        assert solo_long.finish_reason == "length"  # the tiny model never stops on its own here
+        slow_forward(monkeypatch, model)
+        long = model._submit(LONG, 0, 120)
+        wait_for(lambda: model.stats["forward_passes"] >= 3)  # the long row is decoding
+        short = model.generate(HELLO, temperature=0, max_new_tokens=3)
+        assert not long.done(), "the short request was answered only after the long one"
+        assert short.extra["batch_size"] == 2
+        long_gen = long.result(60)
+        # joining and leaving a running batch changes neither row's tokens nor log-probs
+        assert short.completion_ids == solo_short.completion_ids
+        assert long_gen.completion_ids == solo_long.completion_ids
+        assert short.logprobs == pytest.approx(solo_short.logprobs, abs=1e-4)
+        assert long_gen.logprobs == pytest.approx(solo_long.logprobs, abs=1e-4)
+        stats = model.stats
+        assert stats["generate_calls"] == 2 and stats["requests"] == 2 and stats["largest_batch"] == 2
+        # one admission each, then one decode step per further token of the long row: the
+        # short row's decode steps were shared with it
+        assert stats["forward_passes"] == 2 + (120 - 1)
+        # a sampled row that joined later still records the log-probs it was sampled from
+        long = model._submit(LONG, 0, 60)
+        wait_for(lambda: model.stats["forward_passes"] >= stats["forward_passes"] + 3)
+        sampled = model.generate(PROMPTS[1], temperature=0.8, max_new_tokens=12)
+        long.result(60)
+        expected = teacher_forced_logprobs(model.model, sampled.prompt_ids, sampled.completion_ids, 0.8)
+        assert sampled.logprobs == pytest.approx(expected, abs=1e-4)
+    finally:
+        model.close()
+        single.close()
+
+
+def test_continuous_batch_cap_holds_rows_back(monkeypatch, tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=0, max_batch_size=2)
+    try:
+        sizes = count_generate_calls(monkeypatch, model)
+        results = run_threads(lambda p, n: model.generate(p, max_new_tokens=n),
+                              [(p, 2 + 3 * i) for i, p in enumerate(PROMPTS)])
+        for (p, budget), gen in zip([(p, 2 + 3 * i) for i, p in enumerate(PROMPTS)], results):
+            assert not isinstance(gen, BaseException), gen
+            check_generation(gen, model, budget)
+            assert gen.extra["batch_size"] <= 2
+        assert sum(sizes) == len(PROMPTS) and model.stats["largest_batch"] == 2
+    finally:
+        model.close()
+
+
+def test_continuous_out_of_memory_requeues_and_recomputes(monkeypatch, tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=LONG_WAIT_MS, max_batch_size=4)
+    single = LocalModel(model.model, model.tokenizer, batch_wait_ms=0)
+    try:
+        plans = [(p, 6 + 2 * i) for i, p in enumerate(PROMPTS[:4])]
+        solo = [single.generate(p, temperature=0, max_new_tokens=n) for p, n in plans]
+        failures = []
+
+        def fail(kwargs):  # the 3rd decode step of 4 rows runs out of memory, once
+            ids = kwargs["input_ids"]
+            if ids.shape == (4, 1) and not failures:
+                failures.append(1)
+                return OutOfMemoryError("CUDA out of memory (simulated)")
+            return None
+
+        slow_forward(monkeypatch, model, seconds=0, fail=fail)
+        results = run_threads(lambda p, n: model.generate(p, temperature=0, max_new_tokens=n), plans)
+        assert failures == [1]
+        for gen, alone, (p, n) in zip(results, solo, plans):
+            assert not isinstance(gen, BaseException), gen
+            check_generation(gen, model, n)
+            # re-prefilled with the tokens it had: the same reply as without the error
+            assert gen.completion_ids == alone.completion_ids
+            assert gen.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+        stats = model.stats
+        assert stats["preemptions"] == 4 and stats["requests"] == 4
+        assert stats["completion_tokens"] == sum(n for _, n in plans)
+        # the cap was halved: at most 2 rows together from now on
+        sizes = count_generate_calls(monkeypatch, model)
+        results = run_threads(lambda p: model.generate(p, max_new_tokens=3), [(p,) for p in PROMPTS[:4]])
+        assert all(not isinstance(r, BaseException) for r in results) and max(sizes) <= 2
+    finally:
+        model.close()
+        single.close()
+
+
+def test_continuous_single_row_out_of_memory_fails_cleanly(monkeypatch, tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=0)
+    try:
+        original = slow_forward(monkeypatch, model, seconds=0,
+                                fail=lambda kw: OutOfMemoryError("CUDA out of memory (simulated)"))
+        with pytest.raises(ModelCallError, match="out of memory") as info:
+            model.generate(HELLO, max_new_tokens=4)
+        assert model.model_id in str(info.value) and isinstance(info.value.__cause__, OutOfMemoryError)
+        monkeypatch.setattr(model.model, "forward", original)
+        check_generation(model.generate(HELLO, max_new_tokens=4), model, 4)  # the worker survived
+    finally:
+        model.close()
+
+
+def test_continuous_admission_error_fails_only_the_new_rows(monkeypatch, tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=0)
+    single = LocalModel(model.model, model.tokenizer, batch_wait_ms=0)
+    try:
+        solo_long = single.generate(LONG, temperature=0, max_new_tokens=80)
+        armed = threading.Event()
+
+        def fail(kwargs):  # prompt passes fail once armed; decode steps go on
+            if armed.is_set() and kwargs["input_ids"].shape[1] > 1:
+                return RuntimeError("boom in prefill")
+            return None
+
+        slow_forward(monkeypatch, model, fail=fail)
+        long = model._submit(LONG, 0, 80)
+        wait_for(lambda: model.stats["forward_passes"] >= 3)
+        armed.set()
+        with pytest.raises(ModelCallError, match="boom in prefill"):
+            model.generate(HELLO, max_new_tokens=3)
+        assert long.result(60).completion_ids == solo_long.completion_ids
+        armed.clear()
+        check_generation(model.generate(HELLO, max_new_tokens=3), model, 3)
+    finally:
+        model.close()
+        single.close()
+
+
+def test_continuous_decode_error_fails_running_rows_and_recovers(monkeypatch, tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=LONG_WAIT_MS, max_batch_size=3)
+    try:
+        armed = threading.Event()
+        armed.set()
+
+        def fail(kwargs):
+            if armed.is_set() and kwargs["input_ids"].shape[1] == 1:
+                return RuntimeError("boom in decode")
+            return None
+
+        original = slow_forward(monkeypatch, model, seconds=0, fail=fail)
+        results = run_threads(lambda p: model.generate(p, max_new_tokens=5), [(p,) for p in PROMPTS[:3]])
+        assert all(isinstance(r, ModelCallError) and "boom in decode" in str(r) for r in results), results
+        monkeypatch.setattr(model.model, "forward", original)
+        results = run_threads(lambda p: model.generate(p, max_new_tokens=5), [(p,) for p in PROMPTS[:3]])
+        for gen in results:
+            check_generation(gen, model, 5)
+    finally:
+        model.close()
+
+
+def test_close_while_rows_decode_answers_them(tiny_dir):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=0)
+    futures = [model._submit(p, None, 20) for p in PROMPTS[:3]]
+    model.close()  # waits for the worker: requests already queued are still served
+    for future in futures:
+        check_generation(future.result(0), model, 20)
+
+
+def test_scheduling_option(tiny_dir):
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    with pytest.raises(ModelSpecError, match="scheduling must be one of auto, continuous, static"):
+        LocalModel.from_pretrained(tiny_dir, device="cpu", scheduling="eager")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir))
+    sliding = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+    )).eval()
+    with pytest.raises(ModelSpecError, match="continuous scheduling is not available.*DynamicSlidingWindowLayer"):
+        LocalModel(sliding, tokenizer, scheduling="continuous")
+    auto = LocalModel(sliding, tokenizer, max_new_tokens=3)
+    try:
+        assert auto.scheduling == "static"
+        check_generation(auto.generate(HELLO), auto, 3)
+    finally:
+        auto.close()
 
 
 # ------------------------------------------------------------------ lifecycle
@@ -391,8 +628,9 @@ def test_close_is_idempotent_and_stops_the_worker(tiny_dir):
         asyncio.run(model.agenerate(HELLO))
 
 
-def test_shared_views_batch_together_and_close_separately(monkeypatch, tiny_dir):
-    model = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=4, batch_wait_ms=LONG_WAIT_MS,
+@SCHEDULERS
+def test_shared_views_batch_together_and_close_separately(monkeypatch, tiny_dir, scheduling):
+    model = LocalModel.from_pretrained(tiny_dir, device="cpu", scheduling=scheduling, max_new_tokens=4, batch_wait_ms=LONG_WAIT_MS,
                                        max_batch_size=2)
     greedy = model.share(default_temperature=0, max_new_tokens=3, model_id="hf:tiny-greedy")
     assert greedy.model is model.model and greedy.model_id == "hf:tiny-greedy"

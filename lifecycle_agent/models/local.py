@@ -2,12 +2,25 @@
 
 Several agents usually share one local model. Every :meth:`LocalModel.generate` /
 :meth:`LocalModel.agenerate` call is tokenized in the caller, then handed to one
-background worker thread per loaded model (the *engine*). The worker takes the first
-waiting request, waits at most ``batch_wait_ms`` for more (up to ``max_batch_size``),
-and runs them as ONE left-padded ``model.generate`` call. Rows of a batch may use
-different temperatures and token budgets: both are applied per row (a logits processor
-scales each row by its own temperature, greedy rows take their argmax; a stopping
-criterion ends each row at its own budget), so a batch never has to be split.
+background worker thread per loaded model (the *engine*), which batches the requests of
+all callers. Two scheduling policies:
+
+- ``continuous`` (the default wherever the model's cache allows it): the worker runs one
+  decode loop. A request that arrives while others are decoding joins the batch at the
+  next token (its prompt gets one forward pass, its key/value cache is merged into the
+  running one), and a row that ends is answered at once and leaves the batch. Short
+  replies (a solve episode's answer) no longer wait for long ones (an update episode's
+  notes) in the same batch, and the agent behind them moves on to its next call.
+- ``static``: the worker takes the first waiting request, waits at most
+  ``batch_wait_ms`` for more (up to ``max_batch_size``) and runs them as ONE left-padded
+  ``model.generate`` call; every row waits for the longest. Used for models whose cache
+  cannot be merged row by row (sliding-window, hybrid and state-space caches).
+
+Rows of a batch may use different temperatures and token budgets: both are applied per
+row (each row's logits are scaled by its own temperature, greedy rows take their argmax,
+each row ends at its own budget), so a batch never has to be split. Left padding with an
+attention mask and per-row position ids make a row's output independent of its batch
+mates (up to float rounding).
 
 Every :class:`~lifecycle_agent.models.base.Generation` carries the prompt token ids,
 the completion token ids (no padding; the EOS token included when the model produced
@@ -27,6 +40,7 @@ install instead of an ImportError from deep inside.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -35,7 +49,7 @@ import queue
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -49,7 +63,11 @@ _INSTALL_HINT = "install the `local` extra: pip install 'lifecycle-agent[local]'
 _STOP = object()
 _KEEP = object()
 #: keyword options of :class:`LocalModel` (what ``from_pretrained`` / ``resolve_model`` pass through).
-LOCAL_OPTIONS = ("model_id", "default_temperature", "max_new_tokens", "max_batch_size", "batch_wait_ms", "num_threads")
+LOCAL_OPTIONS = (
+    "model_id", "default_temperature", "max_new_tokens", "max_batch_size", "batch_wait_ms", "num_threads", "scheduling",
+)
+#: batch scheduling policies of the engine (see the module docstring).
+SCHEDULING = ("auto", "continuous", "static")
 
 #: generate() settings that switch off every sampling/penalty knob a model's
 #: generation_config may carry, so the only logits processing is ours (see module docstring).
@@ -246,6 +264,56 @@ class _Request:
     future: concurrent.futures.Future
 
 
+@dataclass
+class _Row:
+    """A request being decoded by the continuous scheduler (its tokens so far, kept across a re-prefill)."""
+
+    request: _Request
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    peak: int = 0  # most rows that shared a step with this one
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.request.prompt_ids + self.tokens
+
+
+def supports_continuous(model: Any) -> Optional[str]:
+    """``None`` when the continuous scheduler can drive ``model``; otherwise why not (one line).
+
+    It needs a decoder-only model whose forward takes ``position_ids`` and ``past_key_values``
+    and whose cache is a plain full-attention ``DynamicCache`` (rows are merged and dropped by
+    concatenating and indexing its key/value tensors). Sliding-window, hybrid and
+    state-space caches are served by the static scheduler.
+    """
+    import inspect
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return "the model has no config"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "the model's forward signature cannot be inspected"
+    missing = [name for name in ("position_ids", "past_key_values", "attention_mask") if name not in params]
+    if missing:
+        return f"the model's forward takes no {', '.join(missing)}"
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=getattr(config, "get_text_config", lambda **_: config)(decoder=True))
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the static scheduler
+        return f"no DynamicCache for this config ({type(exc).__name__}: {exc})"
+    kinds = {type(layer) for layer in getattr(cache, "layers", [])}
+    if not kinds or kinds != {DynamicLayer}:
+        return "its cache is not a plain full-attention DynamicCache (" + ", ".join(sorted(k.__name__ for k in kinds)) + ")"
+    return None
+
+
 class _Engine:
     """One loaded model + tokenizer + the batching worker thread; shared by :class:`LocalModel` views.
 
@@ -262,7 +330,10 @@ class _Engine:
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
         num_threads: Optional[int] = None,
+        scheduling: str = "auto",
     ):
+        if scheduling not in SCHEDULING:
+            raise ModelSpecError(f"scheduling must be one of {', '.join(SCHEDULING)}, got {scheduling!r}")
         if int(max_batch_size) < 1:
             raise ModelSpecError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if float(batch_wait_ms) < 0:
@@ -294,6 +365,18 @@ class _Engine:
             pad = self.eos_ids[0] if self.eos_ids else 0
         self.pad_id = int(pad)
         self.context_limit = _context_limit(model)
+        why_not = supports_continuous(model) if scheduling != "static" else "static scheduling was asked for"
+        if scheduling == "continuous" and why_not:
+            raise ModelSpecError(f"{name}: continuous scheduling is not available: {why_not}; use scheduling='static'")
+        #: the policy in use: ``continuous`` or ``static`` (``auto`` resolved).
+        self.scheduling = "static" if why_not else "continuous"
+        self.scheduling_note = why_not
+        self._logits_to_keep = False
+        if self.scheduling == "continuous":
+            import inspect
+
+            base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
         self._generate_lock = threading.Lock()  # one generate() at a time, even across a worker restart
         # re-entrant: a dropped view's finalizer (release) may run from GC while this thread holds it
@@ -301,7 +384,8 @@ class _Engine:
         self._queue: Optional[queue.SimpleQueue] = None
         self._worker: Optional[threading.Thread] = None
         self._views = 0
-        self._stats = {"generate_calls": 0, "requests": 0, "largest_batch": 0, "completion_tokens": 0}
+        self._stats = {"generate_calls": 0, "requests": 0, "largest_batch": 0, "completion_tokens": 0,
+                       "forward_passes": 0, "preemptions": 0}
 
     # ---- views / lifecycle
 
@@ -384,6 +468,9 @@ class _Engine:
                 import torch
 
                 torch.set_num_threads(self.num_threads)
+            if self.scheduling == "continuous":
+                _Continuous(self, q).run()
+                return
             while True:
                 item = q.get()
                 if item is _STOP:
@@ -437,7 +524,7 @@ class _Engine:
         try:
             results = self._generate_batch(live)
         except BaseException as exc:
-            if len(live) > 1 and type(exc).__name__ == "OutOfMemoryError":
+            if len(live) > 1 and _is_oom(exc):
                 half = len(live) // 2  # a too-large batch: retry in halves
                 self._serve_live(live[:half])
                 self._serve_live(live[half:])
@@ -526,6 +613,273 @@ class _Engine:
         return results
 
 
+class _Continuous:
+    """The continuous scheduler: one decode loop over a changing set of rows.
+
+    Each iteration either *admits* waiting requests (one forward pass over their prompts,
+    left-padded; their key/value caches are then merged into the running batch's cache) or
+    *decodes* one token for every running row. A row that ends (EOS or its budget) is
+    answered at once and dropped from the cache, and a request that arrives while others
+    are decoding joins at the next iteration instead of waiting for the batch to drain.
+    Rows keep their own positions (``position_ids``) and the attention mask hides the
+    left padding, so a row's output does not depend on its batch mates.
+
+    On a failed forward pass: an admission failure fails only the rows being admitted; a
+    decode failure fails every running row, except an out-of-memory error, which halves
+    the batch cap and re-queues the rows with their tokens so far (they are re-prefilled
+    later: recomputed, not restarted). A single row that runs out of memory fails.
+    """
+
+    def __init__(self, engine: "_Engine", q: queue.SimpleQueue):
+        import torch
+
+        self.torch = torch
+        self.engine = engine
+        self.q = q
+        self.cap = engine.max_batch_size
+        self.waiting: "collections.deque[_Row]" = collections.deque()
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.mask = None  # [rows, cache length] long
+        self.admitting: list[_Row] = []
+        self.stopping = False
+        self.device = next(engine.model.parameters()).device
+
+    # ---- the loop
+
+    def run(self) -> None:
+        try:
+            while True:
+                if not self.rows and not self.waiting:
+                    if self.stopping or not self._wait_for_work():
+                        return
+                else:
+                    self._drain_queue()
+                self._step()
+        except BaseException as exc:
+            for row in self.rows + self.admitting + list(self.waiting):
+                if not row.request.future.done():
+                    row.request.future.set_exception(self.engine._call_error(exc, len(self.rows) or 1))
+            self.rows, self.waiting = [], collections.deque()
+            raise
+
+    def _enqueue(self, request: _Request) -> None:
+        if request.future.set_running_or_notify_cancel():  # drops cancelled requests
+            self.waiting.append(_Row(request))
+
+    def _wait_for_work(self) -> bool:
+        """Idle: block for a request, then wait up to ``batch_wait_ms`` for batch mates. False on stop."""
+        item = self.q.get()
+        if item is _STOP:
+            return False
+        self._enqueue(item)
+        deadline = time.monotonic() + self.engine.batch_wait_s
+        while len(self.waiting) < self.cap:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self.q.get(timeout=remaining) if remaining > 0 else self.q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self.stopping = True
+                break
+            self._enqueue(item)
+        return True
+
+    def _drain_queue(self) -> None:
+        while not self.stopping:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return
+            if item is _STOP:
+                self.stopping = True  # serve what is queued and running, then stop
+            else:
+                self._enqueue(item)
+
+    def _step(self) -> None:
+        free = self.cap - len(self.rows)
+        if self.waiting and free > 0:
+            self.admitting = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            self._admit(self.admitting)
+            self.admitting = []
+        elif self.rows:
+            self._decode()
+
+    # ---- forward passes
+
+    def _forward(self, **kwargs):
+        torch = self.torch
+        engine = self.engine
+        if self.engine._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        with engine._generate_lock, torch.inference_mode(), _eval_mode(engine.model):
+            out = engine.model(use_cache=True, **kwargs)
+        with engine._lock:
+            engine._stats["forward_passes"] += 1
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _admit(self, new: list[_Row]) -> None:
+        torch = self.torch
+        engine = self.engine
+        seqs = [row.sequence for row in new]
+        width = max(len(seq) for seq in seqs)
+        ids = torch.full((len(new), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):  # left padding
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        try:
+            logits, cache = self._forward(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), past_key_values=DynamicCache(),
+            )
+        except BaseException as exc:
+            if _is_oom(exc) and (len(new) > 1 or self.rows):
+                # too many rows at once: admit fewer (the running rows are untouched)
+                self.cap = max(1, len(self.rows) + len(new) // 2)
+                self.waiting.extendleft(reversed(new))
+                self._count_preemption(len(new))
+                return
+            for row in new:
+                row.request.future.set_exception(engine._call_error(exc, len(new)))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._merge(cache, mask.to(self.device))
+        self.rows.extend(new)
+        with engine._lock:
+            engine._stats["generate_calls"] += 1
+            engine._stats["requests"] += sum(1 for row in new if not row.tokens)
+        self._sample_and_finish(logits, new, offset=len(self.rows) - len(new))
+
+    def _decode(self) -> None:
+        torch = self.torch
+        rows = self.rows
+        last = torch.tensor([[row.tokens[-1]] for row in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[len(row.sequence) - 1] for row in rows], dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=self.mask.dtype, device=self.device)], 1)
+        try:
+            logits, self.cache = self._forward(
+                input_ids=last, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache
+            )
+        except BaseException as exc:
+            # a failed pass may leave the cache half-updated: it is dropped either way
+            self.cache = self.mask = None
+            self.rows = []
+            if _is_oom(exc) and len(rows) > 1:
+                self.cap = max(1, len(rows) // 2)
+                self.waiting.extendleft(reversed(rows))  # re-prefilled with their tokens so far
+                self._count_preemption(len(rows))
+                return
+            for row in rows:
+                row.request.future.set_exception(self.engine._call_error(exc, len(rows)))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._sample_and_finish(logits, rows, offset=0)
+
+    def _count_preemption(self, n: int) -> None:
+        with self.engine._lock:
+            self.engine._stats["preemptions"] += n
+
+    # ---- cache bookkeeping
+
+    def _merge(self, cache, mask) -> None:
+        """Append the admitted rows' cache to the running one, left-padding the shorter."""
+        torch = self.torch
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def pad(t, n):
+            return t if n == 0 else torch.nn.functional.pad(t, (0, 0, n, 0))
+
+        for old, added in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([pad(old.keys, width - old_len), pad(added.keys, width - new_len)], 0)
+            old.values = torch.cat([pad(old.values, width - old_len), pad(added.values, width - new_len)], 0)
+        self.mask = torch.cat([
+            torch.nn.functional.pad(self.mask, (width - old_len, 0)),
+            torch.nn.functional.pad(mask, (width - new_len, 0)),
+        ], 0)
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` in the cache; trim columns that are padding for every row left."""
+        torch = self.torch
+        if not keep:
+            self.cache = self.mask = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., start:, :]
+            layer.values = layer.values.index_select(0, index)[..., start:, :]
+        self.mask = mask[:, start:]
+
+    # ---- sampling
+
+    def _sample_and_finish(self, logits, rows: list[_Row], offset: int) -> None:
+        """Sample the next token of ``rows`` (logits row ``i`` is ``rows[i]``), answer the rows that end."""
+        torch = self.torch
+        engine = self.engine
+        temps = torch.tensor([r.request.temperature if r.request.temperature > 0 else 1.0 for r in rows],
+                             dtype=torch.float32, device=logits.device)
+        greedy = torch.tensor([r.request.temperature <= 0 for r in rows], dtype=torch.bool, device=logits.device)
+        scaled = logits / temps[:, None]
+        logp = torch.log_softmax(scaled, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            sampled = torch.multinomial(logp.exp(), 1).squeeze(1)
+            tokens = torch.where(greedy, tokens, sampled)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+        tokens = tokens.tolist()
+        size = len(self.rows)
+        with engine._lock:
+            engine._stats["largest_batch"] = max(engine._stats["largest_batch"], size)
+        eos = set(engine.eos_ids)
+        done: set[int] = set()
+        for i, (row, token, lp) in enumerate(zip(rows, tokens, chosen)):
+            row.tokens.append(int(token))
+            row.logprobs.append(float(lp))
+            row.peak = max(row.peak, size)
+            if token in eos or len(row.tokens) >= row.request.max_new_tokens:
+                done.add(offset + i)
+                self._answer(row, "stop" if token in eos else "length")
+        if done:
+            self._drop([i for i in range(len(self.rows)) if i not in done])
+            self.rows = [row for i, row in enumerate(self.rows) if i not in done]
+
+    def _answer(self, row: _Row, finish: str) -> None:
+        engine = self.engine
+        request = row.request
+        with engine._tok_lock:
+            text = engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        generation = Generation(
+            text=text,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(row.tokens),
+            prompt_ids=list(request.prompt_ids),
+            completion_ids=list(row.tokens),
+            logprobs=list(row.logprobs),
+            finish_reason=finish,
+            extra={"temperature": request.temperature if request.temperature > 0 else 0.0, "batch_size": row.peak},
+        )
+        with engine._lock:
+            engine._stats["completion_tokens"] += len(row.tokens)
+        request.future.set_result(generation)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     """Generate without dropout even when the trainer left the model in train mode; restore every flag after."""
@@ -566,12 +920,17 @@ class LocalModel(ChatModel):
         model_id: identifier stored with episodes; default ``hf:<config._name_or_path>``.
         default_temperature: sampling temperature when a call gives none; ``0`` = greedy.
         max_new_tokens: completion budget (tokens) when a call gives none.
-        max_batch_size: most requests merged into one ``generate`` call.
-        batch_wait_ms: after the first waiting request, how long (milliseconds) the worker
-            waits for more before it starts a batch.
+        max_batch_size: most requests decoded together.
+        batch_wait_ms: when the worker is idle and a request arrives, how long (milliseconds)
+            it waits for more before it starts a batch.
         num_threads: if set, the worker thread calls ``torch.set_num_threads(num_threads)``
             when it starts (note: torch's intra-op pool is process-wide). ``None`` leaves
             torch's default (one thread per core).
+        scheduling: ``"continuous"`` (a request joins the running batch at the next token
+            and leaves it, answered, as soon as it ends), ``"static"`` (a batch is one
+            ``model.generate`` call: nobody joins, every row waits for the longest), or
+            ``"auto"`` (the default: continuous when the model's cache allows it, see
+            :func:`supports_continuous`; the choice is in ``.scheduling``).
 
     Calls from many threads or coroutines are served by one worker thread in batches
     (see the module docstring). :meth:`share` makes another view on the same weights and
@@ -591,6 +950,7 @@ class LocalModel(ChatModel):
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
         num_threads: Optional[int] = None,
+        scheduling: str = "auto",
     ):
         if model_id is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -602,6 +962,7 @@ class LocalModel(ChatModel):
             max_batch_size=max_batch_size,
             batch_wait_ms=batch_wait_ms,
             num_threads=num_threads,
+            scheduling=scheduling,
         )
         self._attach(engine, model_id=model_id, default_temperature=default_temperature, max_new_tokens=max_new_tokens)
 
@@ -667,7 +1028,7 @@ class LocalModel(ChatModel):
                 float32 on CPU, bfloat16 (or float16) on GPU.
             model_id: default ``hf:PATH`` or ``hf:PATH@ADAPTER``.
             options: passed to :class:`LocalModel` (``default_temperature``, ``max_new_tokens``,
-                ``max_batch_size``, ``batch_wait_ms``, ``num_threads``).
+                ``max_batch_size``, ``batch_wait_ms``, ``num_threads``, ``scheduling``).
         """
         unknown = sorted(set(options) - set(LOCAL_OPTIONS))
         if unknown:
@@ -692,12 +1053,23 @@ class LocalModel(ChatModel):
 
     @property
     def stats(self) -> dict:
-        """Counters of the shared worker: ``generate_calls``, ``requests``, ``largest_batch``, ``completion_tokens``."""
+        """Counters of the shared worker.
+
+        ``requests``, ``completion_tokens``, ``largest_batch`` (most rows decoded together),
+        ``generate_calls`` (static: ``model.generate`` calls; continuous: admissions, i.e.
+        prompt forward passes), ``forward_passes`` (continuous only: admissions plus decode
+        steps) and ``preemptions`` (continuous only: rows re-queued after an out-of-memory error).
+        """
         return self._engine.stats
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def scheduling(self) -> str:
+        """The batch scheduling in use: ``"continuous"`` or ``"static"``."""
+        return self._engine.scheduling
 
     def _submit(self, messages, temperature, max_new_tokens) -> concurrent.futures.Future:
         if self._closed:
