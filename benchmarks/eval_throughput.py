@@ -4,8 +4,10 @@
    with the zero-latency scripted model, over every built-in environment and all four
    modes (SQLite on disk, as in a real eval).
 2. Batching: completion tokens per second of an eval driven by SmolLM2-135M at
-   concurrency 1 vs 8 (packs share one batched local model), and their ratio; next to
-   it, the ceiling: 8 equal requests one after another vs all at once.
+   concurrency 1 vs 8 (packs share one batched local model), and their ratio, with the
+   default continuous scheduling and, for comparison, static batches (one
+   ``model.generate`` call per batch); next to it, the ceiling: 8 equal requests one
+   after another vs all at once.
 
 Run: ``python benchmarks/eval_throughput.py [--skip-smollm2] [--threads N]``. Prints the
 numbers and writes ``benchmarks/results/eval_throughput.json``. On a machine whose cores
@@ -34,6 +36,10 @@ from lifecycle_agent.eval import evaluate  # noqa: E402
 from lifecycle_agent.models.scripted import ScriptedModel  # noqa: E402
 
 RESULT = Path(__file__).parent / "results" / "eval_throughput.json"
+#: the SmolLM2 evals decode greedily, so every configuration generates (nearly) the same replies
+#: and tokens/s compare equal work; sampled replies differ in length from run to run, and with
+#: a fixed prompt cost per call that moves tokens/s by 20% or more.
+EVAL_TEMPERATURE = 0.0
 
 
 def scripted_throughput(repeats: int = 3) -> dict:
@@ -79,7 +85,7 @@ def raw_batching(model, requests: int = 8, max_new_tokens: int = 32) -> dict:
             "generate_calls": model.stats["generate_calls"] - before["generate_calls"],
         }
     return {
-        "requests": requests, "max_new_tokens": max_new_tokens,
+        "scheduling": model.scheduling, "requests": requests, "max_new_tokens": max_new_tokens,
         "sequential": rows[1], "batched": rows[requests],
         "tokens_per_second_ratio": round(rows[requests]["tokens_per_second"] / rows[1]["tokens_per_second"], 2),
     }
@@ -89,52 +95,103 @@ def smollm2_throughput(packs: int = 8, budgets: tuple[int, ...] = (48, 96), thre
     """Completion tokens per second of SmolLM2 evals (fact-recall, live) at concurrency 1 and 8, per token budget."""
     from lifecycle_agent.models.smollm2 import load_smollm2
 
-    model = load_smollm2(num_threads=threads) if threads else load_smollm2()
-    model.generate([{"role": "user", "content": "hi"}], max_new_tokens=4)  # warm up
+    options = {"num_threads": threads} if threads else {}
+    model = load_smollm2(**options)  # continuous scheduling (the default)
+    static = load_smollm2(scheduling="static", **options)
+    assert model.scheduling == "continuous" and static.scheduling == "static"
+    for m in (model, static):
+        m.generate([{"role": "user", "content": "hi"}], max_new_tokens=4)  # warm up
     result = {
-        "env": "fact-recall", "mode": "live", "packs": packs, "pack_size": 2, "temperature": 0.6,
-        "torch_threads": threads or "default", "by_max_new_tokens": {},
+        "env": "fact-recall", "mode": "live", "packs": packs, "pack_size": 2, "temperature": EVAL_TEMPERATURE,
+        "torch_threads": threads or "default", "load_average_before": round(os.getloadavg()[0], 2),
+        "by_max_new_tokens": {},
     }
     for budget in budgets:
-        result["by_max_new_tokens"][str(budget)] = _eval_pair(model, packs, budget)
+        pair = _eval_pair(model, packs, budget)
+        pair["concurrency_8_static"] = _eval_row(static, packs, budget, 8)
+        pair["tokens_per_second_ratio_8_static_vs_1"] = round(
+            pair["concurrency_8_static"]["tokens_per_second"] / pair["concurrency_1"]["tokens_per_second"], 2)
+        result["by_max_new_tokens"][str(budget)] = pair
     result["raw_batching"] = raw_batching(model)
+    result["raw_batching_static"] = raw_batching(static)
     result["load_average_after"] = round(os.getloadavg()[0], 2)
     model.close()
+    static.close()
     return result
 
 
 def _eval_pair(model, packs: int, max_new_tokens: int) -> dict:
-    rows = {}
-    for concurrency in (1, 8):
-        before = model.stats
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            report = evaluate(
-                "fact-recall", model, packs=packs, pack_size=2, seeds=[1], modes="live", out=tmp,
-                concurrency=concurrency, max_new_tokens=max_new_tokens, temperature=0.6, plot=False,
-            )
-            wall = time.perf_counter() - started
-        after = model.stats
-        live = report["environments"]["fact-recall"]["modes"]["live"]
-        tokens = after["completion_tokens"] - before["completion_tokens"]
-        prompt_tokens = round(live["prompt_tokens_per_task"] * live["tasks"])
-        calls = after["requests"] - before["requests"]
-        rows[concurrency] = {
-            "wall_seconds": round(wall, 2),
-            "model_calls": calls,
-            "generate_calls": after["generate_calls"] - before["generate_calls"],
-            "mean_batch": round(calls / max(1, after["generate_calls"] - before["generate_calls"]), 2),
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": tokens,
-            "tokens_per_second": round(tokens / wall, 2),
-            "episodes_per_second": round(calls / wall, 3),
-            "mean_reward": live["mean_reward"],
-        }
+    rows = {concurrency: _eval_row(model, packs, max_new_tokens, concurrency) for concurrency in (1, 8)}
     return {
         "concurrency_1": rows[1],
         "concurrency_8": rows[8],
         "tokens_per_second_ratio_8_vs_1": round(rows[8]["tokens_per_second"] / rows[1]["tokens_per_second"], 2),
     }
+
+
+def _eval_row(model, packs: int, max_new_tokens: int, concurrency: int) -> dict:
+    """One live fact-recall eval at ``concurrency``: tokens, wall time, batches (same packs every time);
+    with continuous scheduling also the prefill / decode split and how many prompt tokens repeat a
+    prefix of an earlier prompt of the same eval (what a prefix cache could skip)."""
+    prompts: list[list[int]] = []
+    engine = model._engine
+    submit = engine.submit
+
+    def recording_submit(prompt_ids, *args):
+        prompts.append(list(prompt_ids))
+        return submit(prompt_ids, *args)
+
+    engine.submit = recording_submit
+    before = model.stats
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            report = evaluate(
+                "fact-recall", model, packs=packs, pack_size=2, seeds=[1], modes="live", out=tmp,
+                concurrency=concurrency, max_new_tokens=max_new_tokens, temperature=EVAL_TEMPERATURE, plot=False,
+            )
+            wall = time.perf_counter() - started
+    finally:
+        del engine.submit
+    after = model.stats
+    live = report["environments"]["fact-recall"]["modes"]["live"]
+    tokens = after["completion_tokens"] - before["completion_tokens"]
+    prompt_tokens = round(live["prompt_tokens_per_task"] * live["tasks"])
+    calls = after["requests"] - before["requests"]
+    return {
+        "scheduling": model.scheduling,
+        "wall_seconds": round(wall, 2),
+        "model_calls": calls,
+        "generate_calls": after["generate_calls"] - before["generate_calls"],
+        "mean_batch": round(calls / max(1, after["generate_calls"] - before["generate_calls"]), 2),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": tokens,
+        "tokens_per_second": round(tokens / wall, 2),
+        "episodes_per_second": round(calls / wall, 3),
+        "mean_reward": live["mean_reward"],
+        "prompt_tokens_repeating_an_earlier_prefix": _shared_prefix_tokens(prompts),
+        **({"prefill_seconds": round(after["prefill_seconds"] - before["prefill_seconds"], 2),
+            "decode_seconds": round(after["decode_seconds"] - before["decode_seconds"], 2),
+            "decode_steps": (after["forward_passes"] - before["forward_passes"])
+            - (after["generate_calls"] - before["generate_calls"])}
+           if model.scheduling == "continuous" else {}),
+    }
+
+
+def _shared_prefix_tokens(prompts: list[list[int]]) -> int:
+    """Sum over prompts of the longest common prefix with any earlier prompt (tokens)."""
+    total = 0
+    for i, prompt in enumerate(prompts):
+        best = 0
+        for earlier in prompts[:i]:
+            n = 0
+            for a, b in zip(prompt, earlier):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        total += best
+    return total
 
 
 def main() -> None:
@@ -158,10 +215,19 @@ def main() -> None:
                 print(f"smollm2 eval, max_new_tokens {budget}, concurrency {c}: {row['completion_tokens']} completion "
                       f"tokens ({row['prompt_tokens']} prompt tokens) in {row['wall_seconds']} s = "
                       f"{row['tokens_per_second']} tokens/s ({row['model_calls']} calls in {row['generate_calls']} batches)")
-            print(f"  ratio 8 vs 1: {pair['tokens_per_second_ratio_8_vs_1']}x")
-        raw = m["raw_batching"]
-        print(f"ceiling, 8 equal requests: {raw['sequential']['tokens_per_second']} tokens/s one by one, "
-              f"{raw['batched']['tokens_per_second']} tokens/s batched = {raw['tokens_per_second_ratio']}x")
+                if "prefill_seconds" in row:
+                    print(f"    prefill {row['prefill_seconds']} s, decode {row['decode_seconds']} s over "
+                          f"{row['decode_steps']} steps; {row['prompt_tokens_repeating_an_earlier_prefix']} prompt "
+                          "tokens repeat an earlier prompt's prefix")
+            row = pair["concurrency_8_static"]
+            print(f"smollm2 eval, max_new_tokens {budget}, concurrency 8, static batches: {row['completion_tokens']} "
+                  f"completion tokens in {row['wall_seconds']} s = {row['tokens_per_second']} tokens/s")
+            print(f"  ratio 8 vs 1: {pair['tokens_per_second_ratio_8_vs_1']}x continuous, "
+                  f"{pair['tokens_per_second_ratio_8_static_vs_1']}x static")
+        for key in ("raw_batching", "raw_batching_static"):
+            raw = m[key]
+            print(f"ceiling ({key}), 8 equal requests: {raw['sequential']['tokens_per_second']} tokens/s one by one, "
+                  f"{raw['batched']['tokens_per_second']} tokens/s batched = {raw['tokens_per_second_ratio']}x")
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULT}")

@@ -430,6 +430,56 @@ def test_auto_scheduling_picks_continuous_for_llama(tiny_model):
     assert tiny_model.scheduling == "continuous"
 
 
+def _with_forward(model, forward):
+    """``model`` with its class's forward replaced (a subclass, so other tests are untouched)."""
+    model.__class__ = type(f"Patched{type(model).__name__}", (type(model),), {"forward": forward})
+    return model
+
+
+def test_continuous_drives_models_that_name_the_cache_past_key_values(tiny_dir):
+    # transformers 5.24 renamed the forward's cache keyword past_key_values -> cache; models
+    # written against the old name (remote code, older releases) must still decode the same
+    from transformers import AutoModelForCausalLM
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        calls.append(past_key_values)
+        return super(type(self), self).forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=past_key_values, **kwargs,
+        )
+
+    calls: list = []
+    old_style = _with_forward(AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval(), forward)
+    reference = LocalModel.from_pretrained(tiny_dir, device="cpu", max_new_tokens=6)
+    model = LocalModel(old_style, reference.tokenizer, scheduling="continuous", max_new_tokens=6)
+    try:
+        assert model.scheduling == "continuous"
+        got, want = model.generate(HELLO, temperature=0), reference.generate(HELLO, temperature=0)
+        assert got.completion_ids == want.completion_ids
+        assert calls and all(cache is not None for cache in calls)  # the cache went in by the old name
+    finally:
+        model.close()
+        reference.close()
+
+
+def test_a_forward_without_a_cache_keyword_gets_static_batches(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return super(type(self), self).forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    no_cache = _with_forward(AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval(), forward)
+    tokenizer = LocalModel.from_pretrained(tiny_dir, device="cpu").tokenizer
+    with pytest.raises(ModelSpecError, match=r"forward takes no cache \(or past_key_values\)"):
+        LocalModel(no_cache, tokenizer, scheduling="continuous")
+    auto = LocalModel(no_cache, tokenizer, max_new_tokens=3)
+    try:
+        assert auto.scheduling == "static"
+        check_generation(auto.generate(HELLO), auto, 3)
+    finally:
+        auto.close()
+
+
 def test_continuous_requests_join_and_leave_mid_batch(monkeypatch, tiny_dir):
     model = LocalModel.from_pretrained(tiny_dir, device="cpu", batch_wait_ms=0, max_batch_size=4)
     single = LocalModel(model.model, model.tokenizer, batch_wait_ms=0)
@@ -454,6 +504,7 @@ def test_continuous_requests_join_and_leave_mid_batch(monkeypatch, tiny_dir):
         # one admission each, then one decode step per further token of the long row: the
         # short row's decode steps were shared with it
         assert stats["forward_passes"] == 2 + (120 - 1)
+        assert stats["prefill_seconds"] > 0 and stats["decode_seconds"] > 0 and stats["preemptions"] == 0
         # a sampled row that joined later still records the log-probs it was sampled from
         long = model._submit(LONG, 0, 60)
         wait_for(lambda: model.stats["forward_passes"] >= stats["forward_passes"] + 3)

@@ -278,13 +278,24 @@ class _Row:
         return self.request.prompt_ids + self.tokens
 
 
+def _cache_keyword(params: Any) -> Optional[str]:
+    """The forward keyword that takes the key/value cache: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name still works there, with a deprecation
+    warning, until its removal)."""
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
 def supports_continuous(model: Any) -> Optional[str]:
     """``None`` when the continuous scheduler can drive ``model``; otherwise why not (one line).
 
-    It needs a decoder-only model whose forward takes ``position_ids`` and ``past_key_values``
-    and whose cache is a plain full-attention ``DynamicCache`` (rows are merged and dropped by
-    concatenating and indexing its key/value tensors). Sliding-window, hybrid and
-    state-space caches are served by the static scheduler.
+    It needs a decoder-only model whose forward takes ``position_ids`` and a key/value cache
+    (``cache`` in transformers 5.24+, ``past_key_values`` before) and whose cache is a plain
+    full-attention ``DynamicCache`` (rows are merged and dropped by concatenating and indexing
+    its key/value tensors). Sliding-window, hybrid and state-space caches are served by the
+    static scheduler.
     """
     import inspect
 
@@ -298,7 +309,9 @@ def supports_continuous(model: Any) -> Optional[str]:
         params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return "the model's forward signature cannot be inspected"
-    missing = [name for name in ("position_ids", "past_key_values", "attention_mask") if name not in params]
+    missing = [name for name in ("position_ids", "attention_mask") if name not in params]
+    if _cache_keyword(params) is None:
+        missing.append("cache (or past_key_values)")
     if missing:
         return f"the model's forward takes no {', '.join(missing)}"
     try:
@@ -372,11 +385,14 @@ class _Engine:
         self.scheduling = "static" if why_not else "continuous"
         self.scheduling_note = why_not
         self._logits_to_keep = False
+        self._cache_keyword: Optional[str] = None
         if self.scheduling == "continuous":
             import inspect
 
             base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-            self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+            params = inspect.signature(base.forward).parameters
+            self._logits_to_keep = "logits_to_keep" in params
+            self._cache_keyword = _cache_keyword(params)
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
         self._generate_lock = threading.Lock()  # one generate() at a time, even across a worker restart
         # re-entrant: a dropped view's finalizer (release) may run from GC while this thread holds it
@@ -385,7 +401,7 @@ class _Engine:
         self._worker: Optional[threading.Thread] = None
         self._views = 0
         self._stats = {"generate_calls": 0, "requests": 0, "largest_batch": 0, "completion_tokens": 0,
-                       "forward_passes": 0, "preemptions": 0}
+                       "forward_passes": 0, "preemptions": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     # ---- views / lifecycle
 
@@ -708,16 +724,22 @@ class _Continuous:
 
     # ---- forward passes
 
-    def _forward(self, **kwargs):
+    def _forward(self, phase: str, cache: Any, **kwargs):
         torch = self.torch
         engine = self.engine
-        if self.engine._logits_to_keep:
+        if engine._logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        kwargs[engine._cache_keyword] = cache
+        started = time.perf_counter()
         with engine._generate_lock, torch.inference_mode(), _eval_mode(engine.model):
             out = engine.model(use_cache=True, **kwargs)
+            logits = out.logits[:, -1, :].float()
         with engine._lock:
             engine._stats["forward_passes"] += 1
-        return out.logits[:, -1, :].float(), out.past_key_values
+            engine._stats[f"{phase}_seconds"] += time.perf_counter() - started
+        # the output field follows the same rename as the keyword
+        new_cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+        return logits, new_cache
 
     def _admit(self, new: list[_Row]) -> None:
         torch = self.torch
@@ -734,8 +756,8 @@ class _Continuous:
 
         try:
             logits, cache = self._forward(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device), past_key_values=DynamicCache(),
+                "prefill", input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device), cache=DynamicCache(),
             )
         except BaseException as exc:
             if _is_oom(exc) and (len(new) > 1 or self.rows):
@@ -764,7 +786,7 @@ class _Continuous:
         self.mask = torch.cat([self.mask, torch.ones((len(rows), 1), dtype=self.mask.dtype, device=self.device)], 1)
         try:
             logits, self.cache = self._forward(
-                input_ids=last, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache
+                "decode", self.cache, input_ids=last, attention_mask=self.mask, position_ids=positions
             )
         except BaseException as exc:
             # a failed pass may leave the cache half-updated: it is dropped either way
@@ -1058,7 +1080,9 @@ class LocalModel(ChatModel):
         ``requests``, ``completion_tokens``, ``largest_batch`` (most rows decoded together),
         ``generate_calls`` (static: ``model.generate`` calls; continuous: admissions, i.e.
         prompt forward passes), ``forward_passes`` (continuous only: admissions plus decode
-        steps) and ``preemptions`` (continuous only: rows re-queued after an out-of-memory error).
+        steps), ``prefill_seconds`` / ``decode_seconds`` (continuous only: time in admission
+        and decode forward passes) and ``preemptions`` (continuous only: rows re-queued after
+        an out-of-memory error).
         """
         return self._engine.stats
 
