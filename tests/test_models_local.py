@@ -430,6 +430,18 @@ def test_auto_scheduling_picks_continuous_for_llama(tiny_model):
     assert tiny_model.scheduling == "continuous"
 
 
+def assert_static_only(model, tokenizer, why: str) -> None:
+    """Asking for continuous scheduling on ``model`` fails saying ``why``; ``auto`` serves it with static batches."""
+    with pytest.raises(ModelSpecError, match="continuous scheduling is not available.*" + why):
+        LocalModel(model, tokenizer, scheduling="continuous")
+    auto = LocalModel(model, tokenizer, max_new_tokens=3)
+    try:
+        assert auto.scheduling == "static"
+        check_generation(auto.generate(HELLO), auto, 3)
+    finally:
+        auto.close()
+
+
 def _with_forward(model, forward):
     """``model`` with its class's forward replaced (a subclass, so other tests are untouched)."""
     model.__class__ = type(f"Patched{type(model).__name__}", (type(model),), {"forward": forward})
@@ -470,14 +482,7 @@ def test_a_forward_without_a_cache_keyword_gets_static_batches(tiny_dir):
 
     no_cache = _with_forward(AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval(), forward)
     tokenizer = LocalModel.from_pretrained(tiny_dir, device="cpu").tokenizer
-    with pytest.raises(ModelSpecError, match=r"forward takes no cache \(or past_key_values\)"):
-        LocalModel(no_cache, tokenizer, scheduling="continuous")
-    auto = LocalModel(no_cache, tokenizer, max_new_tokens=3)
-    try:
-        assert auto.scheduling == "static"
-        check_generation(auto.generate(HELLO), auto, 3)
-    finally:
-        auto.close()
+    assert_static_only(no_cache, tokenizer, r"forward takes no cache \(or past_key_values\)")
 
 
 def test_continuous_requests_join_and_leave_mid_batch(monkeypatch, tiny_dir):
@@ -648,14 +653,7 @@ def test_scheduling_option(tiny_dir):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
     )).eval()
-    with pytest.raises(ModelSpecError, match="continuous scheduling is not available.*DynamicSlidingWindowLayer"):
-        LocalModel(sliding, tokenizer, scheduling="continuous")
-    auto = LocalModel(sliding, tokenizer, max_new_tokens=3)
-    try:
-        assert auto.scheduling == "static"
-        check_generation(auto.generate(HELLO), auto, 3)
-    finally:
-        auto.close()
+    assert_static_only(sliding, tokenizer, "DynamicSlidingWindowLayer")
 
 
 # ------------------------------------------------------------------ lifecycle
