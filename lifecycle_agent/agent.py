@@ -339,6 +339,9 @@ class LifecycleAgent:
         started = time.perf_counter()
         state, stored_solve = self.store.task_state(self.agent_id, task.id)
         if state == "solved" and stored_solve is not None:
+            if getattr(task, "replay_on_resume", False):
+                # the solve is not repeated, but the pack state it left behind is rebuilt
+                self._replay(task, stored_solve)
             record = self._record_from_solve(stored_solve, position)
             record.resumed = True
             solve_messages = stored_solve.messages
@@ -627,13 +630,18 @@ class LifecycleAgent:
         self._end(result, "stopped" if result.stopped else "completed")
         return result
 
-    def _replay(self, task: AnyTask) -> None:
-        """Play a completed task's stored actions again (no model call), rebuilding the state it left behind."""
-        rows = self.store.episodes(self.agent_id, kind="solve", task_id=task.id, newest_first=True, limit=1)
-        if not rows:
-            return
+    def _replay(self, task: AnyTask, row: Optional[EpisodeRow] = None) -> None:
+        """Play a task's stored actions again (no model call), rebuilding the state it left behind.
+
+        ``row`` is its stored solve episode (default: the newest one in the store).
+        """
+        if row is None:
+            rows = self.store.episodes(self.agent_id, kind="solve", task_id=task.id, newest_first=True, limit=1)
+            if not rows:
+                return
+            row = rows[0]
         task.start()
-        for message in rows[0].messages:
+        for message in row.messages:
             if message.get("role") == "assistant" and _step_result(task.step(message["content"]), f"task {task.id!r}").done:
                 break
 

@@ -191,6 +191,18 @@ def test_ralph_packing_repeats_the_first_task(name):
     assert observations[0] == envs.make(name).pack(seed=2, size=3).tasks[0].start()
 
 
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_ralph_repeats_carry_nothing_over_but_the_context(name):
+    # a repeat played to the end leaves no pack state behind: the next repeat starts as the first did
+    pack = envs.make(name).pack(seed=7, size=3, packing="ralph")
+    first = pack.tasks[0].start()
+    play_oracle(pack.tasks[0])
+    play_oracle(pack.tasks[1])
+    assert pack.tasks[2].start() == first
+    assert pack.state == {}
+    assert not any(getattr(task, "replay_on_resume", False) for task in pack.tasks)
+
+
 @pytest.mark.parametrize("name", [n for n in BUILT_IN if n != "fact-recall"])
 def test_packs_of_different_seeds_hide_different_facts(name):
     hidden = [envs.make(name).pack(seed=s, size=1).hidden for s in range(12)]

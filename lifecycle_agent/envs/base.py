@@ -31,6 +31,10 @@ class EnvTask(InteractiveTask):
         self.index = index
         self.id = task_id
         self.metadata = {"env": pack.env.name, "preset": pack.env.preset, "seed": pack.seed, "instance": index}
+        #: State this task leaves for the later tasks of its pack (e.g. revealed cells): the
+        #: pack's ``state`` under ``cod`` packing; under ``ralph`` packing a dict of this task's
+        #: own, since a repeated task carries nothing over but the context.
+        self.pack_state: dict[str, Any] = pack.state if pack.packing == "cod" else {}
 
     @property
     def instructions(self) -> Optional[str]:  # type: ignore[override]

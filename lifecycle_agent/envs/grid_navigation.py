@@ -165,8 +165,8 @@ class GridNavigationTask(EnvTask):
             if self.start_cell[0] != self.target[0] and self.start_cell[1] != self.target[1]:
                 break
         self.reveal_across_pack = options["reveal_across_pack"]
-        # Cells this task reveals stay revealed for later tasks: a resumed run replays it.
-        self.replay_on_resume = bool(self.reveal_across_pack)
+        # Cells this task reveals stay revealed for later tasks (cod packing): a resumed run replays it.
+        self.replay_on_resume = bool(self.reveal_across_pack) and pack.packing == "cod"
         self._optimum: Optional[float] = None
         self.position, self.turns, self.spent, self.entered = self.start_cell, 0, 0, 0
         self.seen: set[tuple[int, int]] = set()
@@ -176,7 +176,7 @@ class GridNavigationTask(EnvTask):
         self.turns = 0
         self.spent = 0
         self.entered = 0
-        self.seen: set[tuple[int, int]] = set(self.pack.state.get("seen", ())) if self.reveal_across_pack else set()
+        self.seen: set[tuple[int, int]] = set(self.pack_state.get("seen", ())) if self.reveal_across_pack else set()
         self._reveal_around(self.position)
 
     def _reveal_around(self, cell: tuple[int, int]) -> None:
@@ -185,7 +185,7 @@ class GridNavigationTask(EnvTask):
             if 0 <= r + dr < self.size and 0 <= c + dc < self.size:
                 self.seen.add((r + dr, c + dc))
         if self.reveal_across_pack:
-            self.pack.state.setdefault("seen", set()).update(self.seen)
+            self.pack_state.setdefault("seen", set()).update(self.seen)
 
     def _where(self, cell) -> str:
         return f"row {cell[0] + 1}, column {cell[1] + 1}"
