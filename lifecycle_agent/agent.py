@@ -105,6 +105,11 @@ def drive(flow: _Flow, model: ChatModel) -> Any:
                 reply = model.generate(call.messages, temperature=call.temperature, max_new_tokens=call.max_new_tokens)
             except ModelCallError as exc:
                 call = flow.throw(exc)
+            except BaseException:
+                # interrupted (Ctrl-C, a model's unexpected exception): the flow records its run
+                # as interrupted now, while its store is open, instead of whenever it is collected
+                flow.close()
+                raise
             else:
                 call = flow.send(reply)
     except StopIteration as stop:
@@ -136,6 +141,11 @@ async def adrive(flow: _Flow, model: ChatModel, *, run_step: Optional[Callable[.
             reply = await model.agenerate(call.messages, temperature=call.temperature, max_new_tokens=call.max_new_tokens)
         except ModelCallError as exc:
             done, value = await advance(flow.throw, exc)
+        except BaseException:
+            # cancelled or interrupted: close the flow (on the thread that runs its steps) so it
+            # records its run as interrupted while its store is open
+            await advance(lambda _: flow.close(), None)
+            raise
         else:
             done, value = await advance(flow.send, reply)
     return value

@@ -411,7 +411,16 @@ async def aevaluate(
 
     try:
         gate = asyncio.Semaphore(concurrency)
-        await asyncio.gather(*(run_job(job, gate) for job in jobs))
+        running = [asyncio.ensure_future(run_job(job, gate)) for job in jobs]
+        try:
+            await asyncio.gather(*running)
+        except BaseException:
+            # one pack failed past its own error handling (or the eval was interrupted): stop the
+            # others and let each record its run as interrupted while the store is still open
+            for future in running:
+                future.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
         report = build_report(store, jobs, environments, settings, pack_size, errors)
         wall = time.perf_counter() - started
         episodes = sum(m["episodes"] for e in report["environments"].values() for m in e["modes"].values())

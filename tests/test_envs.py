@@ -147,6 +147,30 @@ def not_an_environment(preset="train"):
     return object()
 
 
+def no_preset_factory():
+    return CountEnv()
+
+
+def crashing_factory(preset="train", **options):
+    raise RuntimeError("the simulator is not installed")
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("test_envs:no_preset_factory", r"'test_envs:no_preset_factory' raised TypeError: .*called as factory\(preset='train'\)"),
+    ("test_envs:crashing_factory", r"raised RuntimeError: the simulator is not installed"),
+])
+def test_a_third_party_factory_that_raises_is_a_clear_error(tests_on_path, spec, says):
+    with pytest.raises(EnvironmentSpecError, match=says):
+        envs.make(spec)
+
+
+def test_a_third_party_module_that_fails_to_import_is_a_clear_error(tests_on_path, tmp_path, monkeypatch):
+    (tmp_path / "exploding_env.py").write_text("raise RuntimeError('needs a licence key')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EnvironmentSpecError, match="importing module 'exploding_env' raised RuntimeError: needs a licence key"):
+        envs.make("exploding_env:factory")
+
+
 def test_run_command_accepts_a_third_party_environment(tests_on_path, tmp_path, capsys):
     from lifecycle_agent.cli import main
     from lifecycle_agent.store import Store

@@ -379,3 +379,12 @@ def test_smollm2_runs_a_tiny_eval_and_records_token_ids(tmp_path):
     with Store(tmp_path / "smol" / "eval.db") as store:
         solve = store.episodes("eval.fact-recall.train.s1.p0.live", kind="solve")[0]
     assert solve.turns[0]["completion_ids"]
+
+
+def test_an_interrupted_eval_marks_every_started_run_interrupted(tmp_path, recwarn):
+    with pytest.raises(PowerCut):
+        small_eval(tmp_path, name="cut", model=CutAfter(40), concurrency=4)
+    with Store(tmp_path / "cut" / "eval.db") as store:
+        statuses = [run["status"] for agent in store.list_agents() for run in store.runs(agent.agent_id)]
+    assert "interrupted" in statuses and "running" not in statuses
+    assert not [w for w in recwarn if issubclass(w.category, pytest.PytestUnraisableExceptionWarning)]

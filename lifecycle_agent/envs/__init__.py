@@ -66,6 +66,10 @@ def _load(target: str, what: str) -> Callable[..., Environment]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise EnvironmentSpecError(f"{what}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # the module's own code failed while importing
+        raise EnvironmentSpecError(
+            f"{what}: importing module {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -87,7 +91,17 @@ def factory_for(name: str) -> Callable[..., Environment]:
 
 def make(name: str, preset: str = "train", **options: Any) -> Environment:
     """Create an environment by name (or ``package.module:factory``) with a preset and options."""
-    env = factory_for(name)(preset=preset, **options)
+    factory = factory_for(name)
+    try:
+        env = factory(preset=preset, **options)
+    except EnvironmentSpecError:
+        raise
+    except Exception as exc:  # a third-party factory's own failure: say whose and how it was called
+        given = ", ".join([f"preset={preset!r}"] + [f"{k}={v!r}" for k, v in options.items()])
+        raise EnvironmentSpecError(
+            f"environment factory {name!r} raised {type(exc).__name__}: {exc} (called as factory({given}); "
+            "a factory takes preset= and the environment's options as keywords)"
+        ) from exc
     if not isinstance(env, Environment):
         raise EnvironmentSpecError(
             f"environment factory {name!r} returned {type(env).__name__}, not a lifecycle_agent.envs.Environment"
