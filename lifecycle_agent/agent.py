@@ -726,6 +726,8 @@ class LifecycleAgent:
                 conversation.append({"role": message["role"], "content": protocol.neutralize(content)})
         if not conversation:
             raise TaskFormatError("messages hold no user message")
+        if not any(m["role"] == "user" and m["content"].strip() for m in conversation):
+            raise TaskFormatError("messages hold no user message with text (every user content is empty or null)")
         first = protocol.solve_messages(
             context, conversation[0]["content"] if conversation[0]["role"] == "user" else "",
             self.settings.prompt_set, "\n\n".join(system_parts) or None,

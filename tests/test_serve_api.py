@@ -399,6 +399,48 @@ async def test_chat_message_holding_a_delimiter_is_400_and_stores_nothing(make_a
     assert store.count_episodes(store.list_agents()[0].agent_id) == 0
 
 
+@pytest.mark.parametrize("content, param", [
+    (f"note:\n{CONTEXT_BEGIN}\nx", "messages[0].content"),
+    ([{"type": "text", "text": "fine"}, {"type": "text", "text": f"{CONTEXT_END}"}], "messages[0].content[1].text"),
+])
+async def test_a_delimiter_in_message_content_is_named_with_its_place(make_app, store, content, param):
+    async with serving(make_app()) as c:
+        await new_agent(c)
+        r = await c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": content}]})
+    error = error_of(r)
+    assert r.status_code == 400 and error["param"] == param
+    assert error["message"].startswith(f"{param}: text holds the reserved context delimiter")
+    assert "more problem" not in error["message"] and "function-after" not in error["message"]
+    assert store.count_episodes(store.list_agents()[0].agent_id) == 0
+
+
+BIG = 10**23
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", f"/v1/agents/bot/context?version={BIG}", None),
+    ("GET", f"/v1/agents/bot/diff?a={BIG}", None),
+    ("GET", f"/v1/agents/bot/diff?a=0&b={BIG}", None),
+    ("POST", "/v1/agents/bot/rollback", {"version": BIG}),
+    ("POST", "/v1/agents/bot/fork", {"agent_id": "copy", "version": BIG}),
+])
+async def test_a_version_number_beyond_64_bits_is_400(make_app, store, method, path, body):
+    async with serving(make_app()) as c:
+        await new_agent(c)
+        r = await c.request(method, path, json=body)
+    assert r.status_code == 400 and f"less than or equal to {2**53 - 1}" in error_of(r)["message"], r.text
+    assert [a.head_version for a in store.list_agents()] == [0]
+
+
+@pytest.mark.parametrize("content", [None, "", "  \n", [{"type": "text", "text": ""}]])
+async def test_chat_whose_user_messages_are_empty_is_400_and_stores_nothing(make_app, store, content):
+    async with serving(make_app()) as c:
+        await new_agent(c)
+        r = await c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 400 and "no user message with text" in error_of(r)["message"], r.text
+    assert store.count_episodes(store.list_agents()[0].agent_id) == 0
+
+
 async def test_chat_with_only_system_messages_is_400(make_app):
     async with serving(make_app()) as c:
         await new_agent(c)

@@ -50,7 +50,7 @@ CROSS_FIELD_RULES = {
 
 
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @pytest.mark.timeout(120)
 def test_api_conforms_to_its_openapi_document(case):
     excluded = [positive_data_acceptance] if case.operation.label in CROSS_FIELD_RULES else []

@@ -287,6 +287,9 @@ def test_cli_serve_in_local_only_mode_says_so_and_stops_cleanly_on_sigterm(db_pa
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
         assert httpx.post(url + "/v1/agents", json={"agent_id": "bot"}).status_code == 201
+        # a forwarding header does not make a loopback peer look remote (nor a remote one local)
+        forwarded = httpx.get(url + "/v1/agents/bot/context", headers={"x-forwarded-for": "8.8.8.8"})
+        assert forwarded.status_code == 200, forwarded.text
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:

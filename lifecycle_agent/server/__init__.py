@@ -75,6 +75,9 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=False, log_level=log_level,
         timeout_graceful_shutdown=drain_timeout_s, server_header=False,
+        # local-only mode admits loopback peers only: judge the socket's peer, never a
+        # forwarding header (with keys, a reverse proxy on loopback may forward the client)
+        proxy_headers=bool(keys),
     )
     # Everything loaded so far (the model, FastAPI, pydantic schemas) lives as long as the
     # process: keep it out of the collector's sight, or every full collection pauses all

@@ -86,6 +86,19 @@ _ERRORS = {
                                                    "`Retry-After` seconds. Nothing was changed."},
 }
 _BODY_ERRORS = {413: {"model": s.ErrorResponse, "description": "Request body over the size limit."}}
+#: One server-sent event of a streamed completion (OpenAPI 3.0/3.1 give an event stream's
+#: ``schema`` per event): its ``data`` is a ``chat.completion.chunk`` as JSON, or ``[DONE]``.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "description": "A chat.completion.chunk object as JSON; the last event is `[DONE]`."},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 _CONFLICT = {409: {"model": s.ErrorResponse, "description": "Conflict; `error.context_version` holds the current version."}}
 _MODEL_ERRORS = {
     502: {"model": s.ErrorResponse, "description": "The model call failed."},
@@ -213,9 +226,18 @@ def _install_error_handlers(app: FastAPI) -> None:
                         "server_error").response()
 
 
+def _is_union_tag(part: str) -> bool:
+    """Pydantic names the member of a union that failed in the error location
+    (``function-after[no_delimiters(), constrained-str]``, ``list[TextPart]``); a field name never looks so."""
+    return any(c in part for c in "[](), ") or part == "constrained-str"
+
+
 def _validation_response(errors: list[dict]) -> JSONResponse:
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(p) for p in first.get("loc", ())]
+    # our own validators (reserved delimiters, unknown prompt sets) say more than the type
+    # errors of the other members of a union: report theirs first
+    ours = [e for e in errors if e.get("type") == "value_error"]
+    first = ours[0] if ours else errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if not _is_union_tag(str(p))]
     if first.get("type") == "json_invalid":
         why = (first.get("ctx") or {}).get("error", "")
         return _bad(f"request body is not valid JSON ({why}); send a JSON object").response()
@@ -237,7 +259,12 @@ def _validation_response(errors: list[dict]) -> JSONResponse:
         except ValueError as exc:
             message = str(exc)
     prefix = f"{where} parameter " if where else ""
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    # a failed union reports each member's error, at the same place or one inside it: count
+    # only the places apart from this one
+    here = tuple(loc)
+    places = {tuple(str(p) for p in e.get("loc", ()) if not _is_union_tag(str(p))) for e in errors}
+    others = sum(1 for place in places if place[:len(here)] != here and here[:len(place)] != place)
+    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     return _bad(f"{prefix}{param or 'body'}: {message}{more}", param=param or None).response()
 
 
@@ -414,7 +441,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.post(
         "/v1/chat/completions", response_model=s.ChatCompletionResponse, tags=["openai"],
         responses={**_BODY_ERRORS, **_MODEL_ERRORS,
-                   200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                   200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
                          "description": "A completion, or with `stream: true` an SSE stream of chunks."}},
     )
     async def chat_completions(request: Request, tenant: TenantDep, body: s.ChatCompletionRequest):
@@ -614,7 +641,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.get("/v1/agents/{agent_id}/context", response_model=s.ContextResponse, tags=["contexts"])
     async def get_context(
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
-        version: Annotated[Optional[int], Query(ge=0, description="Version to read (default: current).")] = None,
+        version: Annotated[Optional[int], Query(ge=0, le=s.MAX_VERSION, description="Version to read (default: current).")] = None,
     ):
 
         def read() -> ContextVersion:
@@ -639,7 +666,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     async def history(
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
         limit: Annotated[int, Query(ge=1, le=1000, description="Versions per page.")] = 100,
-        offset: Annotated[int, Query(ge=0, le=2**62, description="Versions to skip (oldest first).")] = 0,
+        offset: Annotated[int, Query(ge=0, le=s.MAX_JSON_INT, description="Versions to skip (oldest first).")] = 0,
     ):
         """Context versions, oldest first, one page at a time."""
 
@@ -656,8 +683,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.get("/v1/agents/{agent_id}/diff", response_model=s.DiffResponse, tags=["contexts"])
     async def diff(
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
-        a: Annotated[int, Query(ge=0, description="Older version.")],
-        b: Annotated[Optional[int], Query(ge=0, description="Newer version (default: current).")] = None,
+        a: Annotated[int, Query(ge=0, le=s.MAX_VERSION, description="Older version.")],
+        b: Annotated[Optional[int], Query(ge=0, le=s.MAX_VERSION, description="Newer version (default: current).")] = None,
     ):
         """Unified diff between two context versions."""
 
@@ -696,7 +723,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         completion_id: Annotated[Optional[str], Query(max_length=s.MAX_COMPLETION_ID_CHARS,
                                                       description="Only the episodes of this completion.")] = None,
         limit: Annotated[int, Query(ge=1, le=500, description="Episodes per page.")] = 50,
-        offset: Annotated[int, Query(ge=0, le=2**62, description="Episodes to skip.")] = 0,
+        offset: Annotated[int, Query(ge=0, le=s.MAX_JSON_INT, description="Episodes to skip.")] = 0,
         newest_first: Annotated[bool, Query(description="Newest first instead of oldest first.")] = False,
     ):
         """Stored episodes, one page at a time."""
@@ -716,7 +743,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     @router.get("/v1/agents/{agent_id}/episodes/{episode_id}", response_model=s.EpisodeResponse, tags=["episodes"])
     async def episode(
         request: Request, tenant: TenantDep, agent_id: AgentIdPath,
-        episode_id: Annotated[int, Path(ge=1, le=2**62)],
+        episode_id: Annotated[int, Path(ge=1, le=s.MAX_JSON_INT)],
     ):
 
         def read() -> tuple[str, Optional[EpisodeRow]]:

@@ -66,8 +66,11 @@ PromptSetId = Annotated[
 Reward = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
 #: A time stamp: finite and not before 1970 (JSON's ``NaN``, ``Infinity`` and ``1e999`` are refused).
 UnixSeconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-#: Largest context version number accepted (SQLite integers are 64-bit).
-MAX_VERSION = 2**62
+#: Largest integer a request may carry (versions, ids, offsets): 2**53 - 1, the largest that
+#: every JSON parser reads exactly (beyond it, numbers are doubles to many clients) and well
+#: inside SQLite's 64-bit integers.
+MAX_JSON_INT = 2**53 - 1
+MAX_VERSION = MAX_JSON_INT
 
 
 class _Strict(BaseModel):
@@ -131,7 +134,7 @@ class DeletedResponse(BaseModel):
 
 class ForkRequest(_Strict):
     agent_id: AgentIdField = Field(description="Id of the new agent.")
-    version: Optional[json_int(ge=0)] = Field(default=None, description="Version to fork at (default: current).")
+    version: Optional[json_int(ge=0, le=MAX_VERSION)] = Field(default=None, description="Version to fork at (default: current).")
 
 
 class ExportVersion(BaseModel):
@@ -182,7 +185,7 @@ class SetContextRequest(_Strict):
 
 
 class RollbackRequest(_Strict):
-    version: json_int(ge=0) = Field(description="Version to make current again (appended as a new version).")
+    version: json_int(ge=0, le=MAX_VERSION) = Field(description="Version to make current again (appended as a new version).")
 
 
 class HistoryPage(BaseModel):
