@@ -173,10 +173,12 @@ def _positive_int(value: Any, what: str, high: Optional[int] = None) -> int:
 
 
 def _slug(name: str) -> str:
+    """``name`` as an agent-id part: kept when it is already safe, else made safe and suffixed
+    with a hash of the original, so two names never share a slug (``a:b`` and ``a_b``)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    if len(slug) > 48:
-        slug = slug[:36] + "-" + hashlib.sha1(name.encode()).hexdigest()[:11]
-    return slug
+    if slug == name and len(slug) <= 48:
+        return slug
+    return slug[:36] + "-" + hashlib.sha1(name.encode()).hexdigest()[:11]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -656,8 +658,12 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
             means = [math.nan if v is None else v for v in data["by_position"]]
             style, marker = _STYLES.get(mode, ("-", "o"))
             (line,) = ax.plot(positions, means, linestyle=style, marker=marker, markersize=5, label=mode)
-            low = [math.nan if lo is None else lo for lo, _ in data["ci95"]]
-            high = [math.nan if hi is None else hi for _, hi in data["ci95"]]
+            # rewards are bounded (built-ins: 0..1), a t-interval is not: draw the band inside
+            # the range the rewards can take, widened only if this mode's means leave it
+            floor = min([0.0] + [v for v in data["by_position"] if v is not None])
+            ceiling = max([1.0] + [v for v in data["by_position"] if v is not None])
+            low = [math.nan if lo is None else max(floor, lo) for lo, _ in data["ci95"]]
+            high = [math.nan if hi is None else min(ceiling, hi) for _, hi in data["ci95"]]
             ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
         ax.set_title(name)
         ax.set_xlabel("position in pack")

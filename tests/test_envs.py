@@ -683,6 +683,14 @@ def test_terminal_shell_supports_pipes_and_redirection():
     assert shell.cwd == "/a"
 
 
+def test_terminal_wc_labels_each_count_with_its_own_file():
+    from lifecycle_agent.envs.terminal import Shell
+
+    shell = Shell({"/a": "1\n2\n", "/b": "1\n"}, set(), ())
+    assert shell.run("wc -l /nope /b").splitlines() == ["1 /b", "wc: /nope: No such file or directory"]
+    assert shell.run("wc -l /a /b").splitlines() == ["2 /a", "1 /b", "3 total"]
+
+
 def test_terminal_missing_command_reads_like_bash():
     from lifecycle_agent.envs.terminal import Shell
 

@@ -270,7 +270,9 @@ def test_environment_raising_in_step_is_recorded_and_the_eval_continues(tmp_path
     assert modes["live"]["by_position"][1] == 0.0
     assert "raised RuntimeError: the simulator crashed" in modes["live"]["task_errors"][0]
     with Store(tmp_path / "out" / "eval.db") as store:
-        row = store.episodes("eval.test_eval_StepBomb.train.s1.p0.live", kind="solve")[1]
+        [agent_id] = [a.agent_id for a in store.list_agents() if a.agent_id.endswith(".train.s1.p0.live")]
+        assert agent_id.startswith("eval.test_eval_StepBomb-")  # the ':' made safe, the name's hash appended
+        row = store.episodes(agent_id, kind="solve")[1]
     assert row.status == "failed" and "simulator crashed" in row.error
 
 
@@ -330,6 +332,22 @@ def test_cli_eval_passes_environment_options(tmp_path, capsys):
     assert report["environments"]["fact-recall"]["modes"]["live"]["by_position"] == [0.0, 1.0]
 
 
+def test_cli_eval_passes_the_update_temperature_and_prompt_set(tmp_path, capsys):
+    from lifecycle_agent.prompts import DEFAULT_PROMPT_SET
+
+    out = tmp_path / "cli"
+    code, _, _ = run_cli(
+        ["eval", "--env", "fact-recall", "--model", "scripted", "--packs", "1", "--pack-size", "2", "--modes", "live",
+         "--temperature", "0.3", "--update-temperature", "0.9", "--prompt-set", DEFAULT_PROMPT_SET,
+         "--out", str(out), "--no-plot"],
+        capsys,
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompt_set"] == DEFAULT_PROMPT_SET
+    assert report["settings"]["update_temperature"] == 0.9 and report["settings"]["temperature"] == 0.3
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -339,6 +357,8 @@ def test_cli_eval_passes_environment_options(tmp_path, capsys):
         (["--env", "fact-recall", "--seeds", "1,x"], "seeds: 'x' is not an integer"),
         (["--env", "fact-recall", "--option", "colour"], "expected KEY=VALUE"),
         (["--env", "fact-recall", "--option", "colour=red"], "unknown option(s) colour"),
+        (["--env", "fact-recall", "--prompt-set", "cod-v0"], "unknown prompt set 'cod-v0'"),
+        (["--env", "fact-recall", "--update-temperature", "-1"], "'--update-temperature': Input should be greater than or equal to 0"),
     ],
 )
 def test_cli_eval_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, message):
@@ -388,3 +408,11 @@ def test_an_interrupted_eval_marks_every_started_run_interrupted(tmp_path, recwa
         statuses = [run["status"] for agent in store.list_agents() for run in store.runs(agent.agent_id)]
     assert "interrupted" in statuses and "running" not in statuses
     assert not [w for w in recwarn if issubclass(w.category, pytest.PytestUnraisableExceptionWarning)]
+
+
+def test_environment_names_that_differ_only_in_unsafe_characters_get_different_agents():
+    from lifecycle_agent.eval import _slug
+
+    assert _slug("fact-recall") == "fact-recall"
+    assert _slug("pkg.mod:factory") != _slug("pkg.mod_factory")
+    assert len(_slug("x" * 200)) <= 48 and _slug("x" * 200) != _slug("x" * 199)

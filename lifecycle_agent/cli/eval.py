@@ -59,6 +59,8 @@ def eval_command(
     out: Path = typer.Option(..., "--out", "-o", help="Directory for eval.db, report.json, report.md, curve.png (rerun to resume)."),
     concurrency: int = typer.Option(4, "--concurrency", "-c", help="Packs run at the same time over one shared model."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (default: the model's)."),
+    update_temperature: Optional[float] = typer.Option(None, "--update-temperature", min=0.0, help="Temperature of update episodes (default: --temperature)."),
+    prompt_set: Optional[str] = typer.Option(None, "--prompt-set", help="Prompt set id (default: the current one; see docs/concepts.md)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens per model call (default: the model's)."),
     context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Context budget, characters."),
     parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict."),
@@ -73,7 +75,7 @@ def eval_command(
     env_options = parse_options(option, env_names)
     check_settings(
         env_names, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
-        parse_policy=parse_policy, env_options=env_options,
+        parse_policy=parse_policy, prompt_set=prompt_set, env_options=env_options,
     )
     if not as_json:
         err_console.print(f"loading model {model} ...")
@@ -92,7 +94,8 @@ def eval_command(
         with progress:
             report = evaluate(
                 env_names, chat_model, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes,
-                out=out, concurrency=concurrency, temperature=temperature, max_new_tokens=max_new_tokens,
+                out=out, concurrency=concurrency, temperature=temperature, update_temperature=update_temperature,
+                prompt_set=prompt_set, max_new_tokens=max_new_tokens,
                 context_budget=context_budget, parse_policy=parse_policy, env_options=env_options,
                 on_progress=on_progress, plot=plot,
             )

@@ -414,13 +414,20 @@ class Shell:
     def _wc(self, args, stdin):
         flags = "".join(a[1:] for a in args if a.startswith("-"))
         paths = [a for a in args if not a.startswith("-")]
-        texts, errors = self._inputs("wc", paths, stdin)
+        counted: list[tuple[str, str]] = []  # (label, text) of every input that could be read
+        errors = []
+        for label in paths or [""]:
+            texts, failed = self._inputs("wc", [label] if label else [], stdin)
+            errors += failed
+            counted += [(label, text) for text in texts]
+        if len(counted) > 1:
+            counted.append(("total", "".join(text for _, text in counted)))
         out = []
-        for label, text in zip(paths or [""], texts):
+        for label, text in counted:
             counts = {"l": text.count("\n"), "w": len(text.split()), "c": len(text)}
             shown = [str(counts[f]) for f in "lwc" if f in flags] or [str(counts[f]) for f in "lwc"]
             out.append(" ".join(shown + ([label] if label else [])))
-        return "\n".join(out) + "\n", "\n".join(errors), 1 if errors else 0
+        return "\n".join(out) + ("\n" if out else ""), "\n".join(errors), 1 if errors else 0
 
     def _rm(self, args, stdin):
         flags = "".join(a[1:] for a in args if a.startswith("-"))
