@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import (
@@ -31,10 +31,14 @@ from .errors import (
     StoreLockedError,
     VersionNotFoundError,
 )
-from .protocol import neutralize
+from .protocol import apply_budget, neutralize
 
 #: Schema version written by this release. Older databases are migrated on open.
 SCHEMA_VERSION = 1
+#: Attempts at ``BEGIN IMMEDIATE`` before a write gives up; each waits up to the busy timeout.
+LOCK_ATTEMPTS = 3
+#: Seconds one attempt waits for another writer's lock.
+DEFAULT_BUSY_TIMEOUT = 10.0
 EXPORT_FORMAT = "lifecycle-agent/agent-export"
 EXPORT_FORMAT_VERSION = 1
 MAX_AGENT_ID_CHARS = 128
@@ -105,6 +109,30 @@ def check_agent_id(agent_id: Any) -> str:
             f"agent id {agent_id!r} is not allowed: use letters, digits and - _ . : @ (not starting with '.')"
         )
     return agent_id
+
+
+def _fit_budget(
+    agent_id: str, settings: dict[str, Any], text: str, note: str | None, policy: str | None = None
+) -> tuple[str, str | None]:
+    """Fit a context about to be stored to the agent's budget; returns the text and its note.
+
+    ``policy`` overrides the agent's ``budget_policy`` (``"reject"`` for a person's edit).
+    A truncation is recorded on the note; a rejection raises :class:`ContextFormatError`.
+    """
+    from .agent import AgentSettings  # lazy: agent.py imports this module
+
+    config = AgentSettings(**settings)
+    result = apply_budget(text, config.context_budget, policy or config.budget_policy)
+    if result.status == "ok":
+        return text, note
+    what = f"the new context ({note})" if note else "the new context"
+    if result.text is None:
+        raise ContextFormatError(
+            f"agent {agent_id!r}: {what} is {result.original_chars} characters, over the context budget of "
+            f"{config.context_budget}; nothing was written. Shorten it, or raise the agent's context_budget"
+        )
+    truncated = f"truncated: was {result.original_chars} characters, budget {config.context_budget}"
+    return result.text, f"{note}; {truncated}" if note else truncated
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -186,11 +214,12 @@ class Store:
 
     Args:
         path: database file. Its directory must exist. ``":memory:"`` for tests.
-        busy_timeout: seconds a writer waits for another process's write lock before
-            :class:`StoreLockedError` (default 10 s).
+        busy_timeout: seconds one attempt at a write waits for another process's write lock
+            (default 10 s). A write makes ``LOCK_ATTEMPTS`` (3) attempts, so it raises
+            :class:`StoreLockedError` after about 3 x ``busy_timeout`` (30 s by default).
     """
 
-    def __init__(self, path: str | os.PathLike, busy_timeout: float = 10.0, *, create: bool = True):
+    def __init__(self, path: str | os.PathLike, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, *, create: bool = True):
         self.path = str(path)
         self.busy_timeout = float(busy_timeout)
         if self.path != ":memory:" and not create and not Path(self.path).expanduser().exists():
@@ -198,7 +227,9 @@ class Store:
         if self.path != ":memory:":
             directory = Path(self.path).expanduser().resolve().parent
             if not directory.is_dir():
-                raise StoreError(f"cannot open database {self.path}: directory {directory} does not exist")
+                raise StoreError(
+                    f"cannot open database {self.path}: directory {directory} does not exist; create it or choose another path"
+                )
             if Path(self.path).is_dir():
                 raise StoreError(f"cannot open database {self.path}: it is a directory")
             if not os.access(directory, os.W_OK):
@@ -258,7 +289,7 @@ class Store:
             try:
                 for attempt in Retrying(
                     retry=retry_if_exception(_is_locked),
-                    stop=stop_after_attempt(3),
+                    stop=stop_after_attempt(LOCK_ATTEMPTS),
                     wait=wait_exponential(multiplier=0.05, max=1.0),
                     reraise=True,
                 ):
@@ -268,8 +299,9 @@ class Store:
                 if _is_locked(exc):
                     raise StoreLockedError(
                         f"database {self.path} stayed locked by another writer for "
-                        f"{time.monotonic() - started:.1f} s (3 attempts, busy timeout {self.busy_timeout:g} s each); "
-                        "retry later or raise busy_timeout"
+                        f"{time.monotonic() - started:.1f} s ({LOCK_ATTEMPTS} attempts, busy timeout "
+                        f"{self.busy_timeout:g} s each); retry later, or raise the busy timeout "
+                        "(Store(busy_timeout=...), --busy-timeout)"
                     ) from None
                 raise StoreError(f"cannot write to database {self.path}: {exc}") from None
             try:
@@ -301,7 +333,15 @@ class Store:
         if "meta" not in self.table_names():
             return 0
         rows = self._read("SELECT value FROM meta WHERE key = 'schema_version'")
-        return int(rows[0]["value"]) if rows else 0
+        if not rows:
+            return 0
+        try:
+            return int(rows[0]["value"])
+        except (TypeError, ValueError):
+            raise SchemaVersionError(
+                f"database {self.path}: its schema version record is corrupt (meta.schema_version = "
+                f"{rows[0]['value']!r}, expected a whole number); restore the file from a backup"
+            ) from None
 
     def _check_and_migrate(self) -> None:
         current = self.schema_version()
@@ -341,8 +381,12 @@ class Store:
         source: str = "init",
         note: str | None = None,
     ) -> AgentInfo:
-        """Create an agent with context version 0. ``exist_ok`` returns the existing agent instead."""
+        """Create an agent with context version 0. ``exist_ok`` returns the existing agent instead.
+
+        The initial context must fit the budget in ``settings`` (truncated or rejected by its policy).
+        """
         check_agent_id(agent_id)
+        initial_context, note = _fit_budget(agent_id, settings or {}, neutralize(initial_context), note)
         now = time.time()
         with self.transaction() as conn:
             existing = conn.execute("SELECT 1 FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
@@ -358,7 +402,7 @@ class Store:
             conn.execute(
                 "INSERT INTO contexts (agent_id, version, text, created_at, parent_version, episode_id, source, note)"
                 " VALUES (?, 0, ?, ?, NULL, NULL, ?, ?)",
-                (agent_id, neutralize(initial_context), now, source, note),
+                (agent_id, initial_context, now, source, note),
             )
         return self.get_agent(agent_id)
 
@@ -438,21 +482,25 @@ class Store:
         episode_id: int | None = None,
         note: str | None = None,
         expected_head: int | None = None,
+        budget_policy: str | None = None,
     ) -> ContextVersion:
         """Append a new context version and make it the head.
 
-        ``expected_head`` (optional) makes the write conditional: when the head moved since
-        the caller read it, :class:`ContextConflictError` is raised and nothing is written.
+        The agent's context budget applies (see :func:`_fit_budget`); ``budget_policy``
+        overrides its policy for this write. ``expected_head`` (optional) makes the write
+        conditional: when the head moved since the caller read it,
+        :class:`ContextConflictError` is raised and nothing is written.
         """
         text = neutralize(text)
         now = time.time()
         with self.transaction() as conn:
-            row = conn.execute("SELECT head_version FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            row = conn.execute("SELECT head_version, settings FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
             if row is None:
                 raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
             head = row[0]
             if expected_head is not None and head != expected_head:
                 raise ContextConflictError(agent_id, expected_head, head)
+            text, note = _fit_budget(agent_id, json.loads(row[1]), text, note, budget_policy)
             version = head + 1
             conn.execute(
                 "INSERT INTO contexts (agent_id, version, text, created_at, parent_version, episode_id, source, note)"
@@ -466,7 +514,10 @@ class Store:
         )
 
     def rollback(self, agent_id: str, version: int) -> ContextVersion:
-        """Make an old version current again by appending a copy of it (nothing is deleted)."""
+        """Make an old version current again by appending a copy of it (nothing is deleted).
+
+        The copy must fit the agent's current budget: truncated (noted) or rejected by its policy.
+        """
         old = self.get_version(agent_id, version)
         return self.write_context(agent_id, old.text, source="rollback", note=f"rollback to version {version}")
 
@@ -479,7 +530,10 @@ class Store:
         return "\n".join(lines)
 
     def fork(self, agent_id: str, new_agent_id: str, version: int | None = None, *, owner: str | None = None) -> AgentInfo:
-        """A new agent whose version 0 is ``agent_id``'s context at ``version`` (default: head)."""
+        """A new agent whose version 0 is ``agent_id``'s context at ``version`` (default: head).
+
+        The new agent takes the source's settings; its version 0 must fit that budget.
+        """
         source = self.get_agent(agent_id)
         snapshot = self.head(agent_id) if version is None else self.get_version(agent_id, version)
         return self.create_agent(
@@ -521,6 +575,12 @@ class Store:
                 raise ContextFormatError(
                     f"export version entry {i}: expected an object with 'version': {i} and a string 'text'"
                 )
+            parent = v.get("parent_version")
+            if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or not 0 <= parent < i):
+                raise ContextFormatError(
+                    f"export version entry {i}: 'parent_version' {parent!r} is not an earlier version of this export "
+                    f"(expected null or 0..{i - 1})"
+                )
             created = v.get("created_at")
             if created is not None and (
                 isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created) or created < 0
@@ -530,12 +590,19 @@ class Store:
         settings = data.get("settings") or {}
         if not isinstance(settings, dict):
             raise ContextFormatError("export 'settings' must be a JSON object")
-        budget = settings.get("context_budget")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ContextFormatError("export 'settings.context_budget' must be an integer >= 1")
-        if budget is not None and len(versions[-1]["text"]) > budget:
+        from .agent import AgentSettings  # lazy: agent.py imports this module
+
+        try:
+            budget = AgentSettings.model_validate(settings, strict=True).context_budget
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(part) for part in err["loc"])
+            raise ContextFormatError(f"export 'settings.{field}': {err['msg']}") from None
+        head_chars = len(neutralize(versions[-1]["text"]))
+        if head_chars > budget:
             raise ContextFormatError(
-                f"export head context is {len(versions[-1]['text'])} characters, over its own budget of {budget}"
+                f"export head context is {head_chars} characters, over its own budget of {budget}; "
+                "raise 'settings.context_budget' in the file or shorten the last version"
             )
         now = time.time()
         with self.transaction() as conn:

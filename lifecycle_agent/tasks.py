@@ -108,6 +108,18 @@ class Task(BaseModel):
 
     max_turns: int = Field(default=1, exclude=True)
 
+    @field_validator("id", "answer", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any) -> Any:
+        """Numbers are accepted as text (``"answer": 4`` is the answer ``"4"``); other non-strings are refused."""
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"must be a string or a finite number, got {value!r}")
+            return str(value)
+        raise ValueError(f"must be a string or a number, got {type(value).__name__}")
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, value: str) -> str:
@@ -223,7 +235,7 @@ def _first_error(exc: ValidationError) -> str:
     # An unknown field is usually a typo of a missing one: report it first.
     err = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
     field = ".".join(str(p) for p in err.get("loc", ())) or "task"
-    msg = err.get("msg", "invalid")
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
     if err.get("type") == "missing":
         return f"missing field {field!r}"
     if err.get("type") == "extra_forbidden":
@@ -247,11 +259,12 @@ def load_tasks_jsonl(path: str | Path) -> list[Task]:
 
     Each non-blank line is a JSON object with ``prompt`` and optional ``id``, ``answer``,
     ``reveal_answer``, ``instructions``, ``metadata``; a JSON string is a bare prompt.
-    Lines without an id get ``line<N>-<content hash>``.
+    Numeric ``id`` and ``answer`` values are read as text. Lines without an id get
+    ``line<N>-<content hash>``. A UTF-8 byte-order mark at the start is ignored.
     """
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise TaskFormatError(f"task file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -2,6 +2,9 @@
 
 import json
 import os
+import sqlite3
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +190,135 @@ def _one_task(tmp_path):
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"prompt": "q", "answer": "1", "id": "only"}) + "\n")
     return path
+
+
+def _flat(text):
+    return " ".join(text.split())
+
+
+def test_run_checks_the_database_before_loading_the_model(cli, tasks_file, tmp_path, monkeypatch):
+    (tmp_path / "recorded_model.py").write_text(
+        "CALLS = []\n"
+        "def fn(messages):\n"
+        "    CALLS.append(messages)\n"
+        "    return 'Answer: 417'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "recorded_model", raising=False)
+    code, _, err = cli("run", "--tasks", tasks_file, "--model", "py:recorded_model:fn", "--db", tmp_path / "no" / "x.db")
+    assert code == 2 and "directory" in err and "does not exist" in err
+    assert "recorded_model" not in sys.modules and "loading model" not in err
+    code, _, _ = cli("run", "--tasks", tasks_file, "--model", "py:recorded_model:fn", "--db", tmp_path / "x.db", "--json")
+    assert code == 0 and sys.modules["recorded_model"].CALLS
+    monkeypatch.delitem(sys.modules, "recorded_model")
+
+
+def test_py_model_spec_with_missing_module_hints_at_the_import_path(cli, tasks_file, db_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != str(tmp_path)])
+    code, _, err = cli("run", "--tasks", tasks_file, "--model", "py:no_such_module_xyz:fn", "--db", db_path)
+    assert code == 2 and "No module named 'no_such_module_xyz'" in err
+    assert "current directory is not on the import path" in _flat(err) and "PYTHONPATH=." in err
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "needs_missing_dep.py").write_text("import not_installed_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(lib))
+    code, _, err = cli("run", "--tasks", tasks_file, "--model", "py:needs_missing_dep:fn", "--db", db_path)
+    assert code == 2 and "not_installed_dependency_xyz" in err and "PYTHONPATH" not in err
+
+
+def test_run_table_does_not_count_failed_tasks_as_solved(cli, tasks_file, db_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
+    code, out, _ = cli("run", "--tasks", tasks_file, "--model", "py:broken_model:broken", "--db", db_path, "--quiet")
+    assert code == 1 and "0 solved, 0 already done, 2 failed" in _flat(out)
+
+
+def test_run_accepts_numeric_answers_in_the_task_file(cli, db_path, tmp_path):
+    path = tmp_path / "num.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "What is 2+2?", "answer": 4, "id": 1}\n')
+    code, out, _ = cli("run", "--tasks", path, "--model", "scripted", "--db", db_path, "--json")
+    assert code == 0 and json.loads(out)["records"][0]["task_id"] == "1"
+
+
+def _lower_budget_after_long_version(db):
+    """Version 3 of 'bot' is 160 characters; the agent's budget is then 50."""
+    with Store(db) as store:
+        settings = store.get_agent("bot").settings
+        store.update_settings("bot", {**settings, "context_budget": 1000})
+        store.write_context("bot", "word " * 32, source="edit")
+        store.update_settings("bot", {**settings, "context_budget": 50})
+
+
+def test_context_rollback_and_fork_respect_the_budget(cli, populated):
+    _lower_budget_after_long_version(populated)
+    code, out, _ = cli("context", "rollback", "3", "--db", populated, "--agent", "bot", "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["text"]) <= 50 and "truncated: was 160 characters, budget 50" in data["note"]
+    code, out, _ = cli("context", "fork", "--to", "bot2", "--version", "3", "--db", populated, "--agent", "bot")
+    assert code == 0 and "over the context budget" in out
+    assert len(Store(populated).head("bot2").text) <= 50
+
+
+def test_every_context_and_agents_command_takes_json_and_busy_timeout():
+    import typer
+
+    from lifecycle_agent.cli import app
+
+    group = typer.main.get_command(app)
+    for name in ("context", "agents"):
+        for command_name, command in group.commands[name].commands.items():
+            options = {opt for param in command.params for opt in param.opts}
+            assert {"--json", "--busy-timeout"} <= options, f"{name} {command_name}"
+    assert "--busy-timeout" in {opt for param in group.commands["run"].params for opt in param.opts}
+
+
+def test_context_export_takes_json(cli, populated, tmp_path):
+    code, out, _ = cli("context", "export", "--db", populated, "--agent", "bot", "--json")
+    assert code == 0 and json.loads(out)["format"] == "lifecycle-agent/agent-export"
+    out_file = tmp_path / "bot.json"
+    code, out, _ = cli("context", "export", "--db", populated, "--agent", "bot", "--out", out_file, "--json")
+    assert code == 0 and json.loads(out) == {"agent_id": "bot", "out": str(out_file), "versions": 3}
+
+
+def test_agents_delete_takes_json(cli, populated):
+    code, out, _ = cli("agents", "delete", "--db", populated, "--agent", "bot", "--yes", "--json")
+    assert code == 0 and json.loads(out) == {"agent_id": "bot", "deleted": True}
+
+
+def test_context_import_accepts_a_byte_order_mark(cli, populated, tmp_path):
+    out_file = tmp_path / "bot.json"
+    cli("context", "export", "--db", populated, "--agent", "bot", "--out", out_file)
+    out_file.write_bytes(b"\xef\xbb\xbf" + out_file.read_bytes())
+    code, out, _ = cli("context", "import", out_file, "--db", tmp_path / "other.db", "--json")
+    assert code == 0 and json.loads(out)["agent_id"] == "bot"
+
+
+def test_context_import_of_a_non_utf8_file_names_it(cli, tmp_path):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(b"\xff\xfe garbage")
+    code, _, err = cli("context", "import", bad, "--db", tmp_path / "x.db")
+    assert code == 2 and "latin1.json is not UTF-8 text" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["context", "rollback", "1", "--agent", "bot"],
+        ["agents", "delete", "--agent", "bot", "--yes"],
+        ["run", "--tasks", "TASKS", "--model", "scripted", "--agent", "newcomer"],
+    ],
+    ids=["context", "agents", "run"],
+)
+def test_short_busy_timeout_fails_fast_on_a_locked_database(cli, populated, tasks_file, command):
+    blocker = sqlite3.connect(populated, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        args = [tasks_file if a == "TASKS" else a for a in command]
+        code, _, err = cli(*args, "--db", populated, "--busy-timeout", "0.1")
+        elapsed = time.monotonic() - started
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert code == 2 and "stayed locked by another writer" in _flat(err) and "--busy-timeout" in err
+    assert elapsed < 5

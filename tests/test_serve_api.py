@@ -414,6 +414,22 @@ async def test_a_delimiter_in_message_content_is_named_with_its_place(make_app, 
     assert store.count_episodes(store.list_agents()[0].agent_id) == 0
 
 
+async def test_rollback_or_fork_to_a_version_over_a_lowered_budget_is_400_in_the_callers_ids(make_app, store):
+    async with serving(make_app()) as c:
+        await new_agent(c, context_budget=500, budget_policy="reject")
+        long = "The code of the apple is 42. " * 8
+        assert (await c.put("/v1/agents/bot/context", json={"text": long})).status_code == 200
+        assert (await c.put("/v1/agents/bot/context", json={"text": "short"})).status_code == 200
+        [info] = store.list_agents()
+        store.update_settings(info.agent_id, {**info.settings, "context_budget": 50})
+        for r in (await c.post("/v1/agents/bot/rollback", json={"version": 1}),
+                  await c.post("/v1/agents/bot/fork", json={"agent_id": "copy", "version": 1})):
+            error = error_of(r)
+            assert r.status_code == 400 and "over the context budget of 50" in error["message"], r.text
+            assert info.agent_id not in error["message"]  # the tenant's stored id never leaks
+    assert [a.head_version for a in store.list_agents()] == [2]
+
+
 BIG = 10**23
 
 

@@ -168,12 +168,17 @@ def test_database_of_another_application_is_refused(tmp_path):
         Store(path)
 
 
-def test_database_from_newer_schema_is_refused_untouched(db_path):
+def write_schema_version(db_path, value: str) -> None:
+    """A store's database whose meta.schema_version record holds ``value``."""
     Store(db_path).close()
     conn = sqlite3.connect(db_path)
-    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (value,))
     conn.commit()
     conn.close()
+
+
+def test_database_from_newer_schema_is_refused_untouched(db_path):
+    write_schema_version(db_path, "99")
     with pytest.raises(SchemaVersionError, match="schema version 99.*upgrade lifecycle-agent"):
         Store(db_path)
     assert sqlite3.connect(db_path).execute("SELECT value FROM meta").fetchone()[0] == "99"
@@ -272,4 +277,81 @@ def test_import_refuses_head_over_its_own_budget(store):
     data = store.export_agent("a1")
     data["versions"][0]["text"] = "x " * 100
     with pytest.raises(ContextFormatError, match="over its own budget of 100"):
+        store.import_agent(data, "new")
+
+
+def _store_with_long_version(store, budget_policy="truncate"):
+    """Version 1 is 160 characters, written under a budget of 1000; the budget is then 50."""
+    store.update_settings("a1", {"context_budget": 1000})
+    store.write_context("a1", "word " * 32, source="edit")
+    store.update_settings("a1", {"context_budget": 50, "budget_policy": budget_policy})
+
+
+def test_rollback_and_fork_truncate_to_the_current_budget_with_a_note(store):
+    _store_with_long_version(store)
+    new = store.rollback("a1", 1)
+    assert len(new.text) <= 50 and new.text.endswith("word")
+    assert new.note == "rollback to version 1; truncated: was 160 characters, budget 50"
+    store.fork("a1", "b1", version=1)
+    head = store.head("b1")
+    assert len(head.text) <= 50 and "truncated: was 160 characters, budget 50" in head.note
+
+
+def test_rollback_and_fork_under_reject_policy_write_nothing(store):
+    _store_with_long_version(store, "reject")
+    with pytest.raises(ContextFormatError, match=r"rollback to version 1\) is 160 characters, over the context budget of 50"):
+        store.rollback("a1", 1)
+    with pytest.raises(ContextFormatError, match="over the context budget of 50"):
+        store.fork("a1", "b1", version=1)
+    assert store.head("a1").version == 1 and not store.has_agent("b1")
+
+
+def test_write_context_policy_override_refuses_an_over_long_edit(store):
+    with pytest.raises(ContextFormatError, match="over the context budget of 100; nothing was written"):
+        store.write_context("a1", "x " * 60, source="edit", budget_policy="reject")
+    assert store.head("a1").version == 0
+
+
+def test_agent_rollback_and_fork_respect_a_lowered_budget(db_path):
+    from lifecycle_agent import LifecycleAgent
+
+    with LifecycleAgent(lambda messages: "x", db_path, "a") as agent:
+        agent.set_context("word " * 32)
+    with LifecycleAgent(lambda messages: "x", db_path, "a", context_budget=50) as agent:
+        assert len(agent.rollback(1).text) <= 50
+        assert len(agent.fork("b", 1).context) <= 50
+
+
+def test_corrupt_schema_version_record_names_the_database(db_path):
+    write_schema_version(db_path, "one")
+    with pytest.raises(SchemaVersionError, match=f"database {db_path}: its schema version record is corrupt"):
+        Store(db_path)
+
+
+@pytest.mark.parametrize("parent", [7, 1, -1, True, "0"])
+def test_import_refuses_a_parent_version_not_in_the_export(store, parent):
+    store.write_context("a1", "one", source="edit")
+    data = store.export_agent("a1")
+    data["versions"][1]["parent_version"] = parent
+    with pytest.raises(ContextFormatError, match="entry 1: 'parent_version'.*expected null or 0..0"):
+        store.import_agent(data, "new")
+    assert not store.has_agent("new")
+
+
+def test_import_without_a_budget_setting_uses_the_default_budget(store):
+    data = store.export_agent("a1")
+    data["settings"] = {}
+    data["versions"][0]["text"] = "x " * 1500
+    with pytest.raises(ContextFormatError, match="over its own budget of 2000"):
+        store.import_agent(data, "new")
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [({"context_budget": "50"}, "settings.context_budget"), ({"budget_policy": "sometimes"}, "settings.budget_policy")],
+)
+def test_import_refuses_invalid_settings(store, settings, match):
+    data = store.export_agent("a1")
+    data["settings"] = settings
+    with pytest.raises(ContextFormatError, match=match):
         store.import_agent(data, "new")

@@ -145,3 +145,38 @@ def test_load_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
     path = tmp_path / "tasks.jsonl"
     path.write_text(json.dumps({"prompt": "a\u2028b", "id": "x"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert load_tasks_jsonl(path)[0].prompt == "a\u2028b"
+
+
+def test_numeric_answer_and_id_are_read_as_text():
+    task = Task(prompt="code?", answer=417, id=7)
+    assert (task.answer, task.id) == ("417", "7")
+    assert task.step("Answer: 417").reward == 1.0
+    assert Task(prompt="half?", answer=0.5).answer == "0.5"
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("answer", True, "field 'answer': must be a string or a number, got bool"),
+        ("id", False, "field 'id': must be a string or a number, got bool"),
+        ("answer", ["4"], "field 'answer': must be a string or a number, got list"),
+        ("answer", float("nan"), "field 'answer': must be a string or a finite number"),
+    ],
+)
+def test_other_answer_and_id_types_are_clear_errors(field, value, match):
+    with pytest.raises(TaskFormatError, match=match):
+        coerce_task({"prompt": "q", field: value}, 0)
+
+
+def test_load_jsonl_accepts_numbers_as_answer_and_id(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "What is 2+2?", "answer": 4, "id": 1}\n{"prompt": "And 3+3?", "answer": 6}\n')
+    tasks = load_tasks_jsonl(path)
+    assert [t.answer for t in tasks] == ["4", "6"] and tasks[0].id == "1"
+    assert tasks[0].step("Answer: 4").reward == 1.0
+
+
+def test_load_jsonl_ignores_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "hi", "id": "b1"}\r\n')
+    assert [t.id for t in load_tasks_jsonl(path)] == ["b1"]

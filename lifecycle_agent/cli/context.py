@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ContextFormatError
-from ..store import Store
+from ..store import DEFAULT_BUSY_TIMEOUT, LOCK_ATTEMPTS, Store
 from . import app
 from .common import AGENT_OPTION, DB_OPTION, JSON_OPTION, console, print_json
 
@@ -22,8 +22,36 @@ app.add_typer(context_app, name="context")
 app.add_typer(agents_app, name="agents")
 
 
-def _open(db: str) -> Store:
-    return Store(db, create=False)
+BUSY_TIMEOUT_OPTION = typer.Option(
+    DEFAULT_BUSY_TIMEOUT,
+    "--busy-timeout",
+    min=0.0,
+    help=f"Seconds one write attempt waits while another process holds the database lock; a write makes "
+    f"{LOCK_ATTEMPTS} attempts, so a locked database fails after about {LOCK_ATTEMPTS} x this.",
+)
+
+
+def open_store(db: str, busy_timeout: float, *, create: bool = False) -> Store:
+    """The store behind a command; commands that only read or change agents never create a database."""
+    return Store(db, busy_timeout=busy_timeout, create=create)
+
+
+def _read_text(file: Path, what: str) -> str:
+    """A UTF-8 text file given on the command line (a byte-order mark is ignored), with errors that name it."""
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ContextFormatError(f"{what} {file} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ContextFormatError(
+            f"{what} {file} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
+
+
+def _print_truncation(note: Optional[str]) -> None:
+    """Say so when the budget cut the copied context (the note records it)."""
+    if note and "truncated" in note:
+        console.print(f"[yellow]over the context budget:[/] {escape(note)}", highlight=False)
 
 
 def _when(ts: float) -> str:
@@ -36,9 +64,10 @@ def show(
     agent: str = AGENT_OPTION,
     version: Optional[int] = typer.Option(None, "--version", "-v", help="Version to show (default: current)."),
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
     """Print an agent's context (current or a given version)."""
-    store = _open(db)
+    store = open_store(db, busy_timeout)
     ctx = store.head(agent) if version is None else store.get_version(agent, version)
     if as_json:
         print_json(ctx.model_dump())
@@ -48,9 +77,11 @@ def show(
 
 
 @context_app.command("history")
-def history(db: str = DB_OPTION, agent: str = AGENT_OPTION, as_json: bool = JSON_OPTION) -> None:
+def history(
+    db: str = DB_OPTION, agent: str = AGENT_OPTION, as_json: bool = JSON_OPTION, busy_timeout: float = BUSY_TIMEOUT_OPTION
+) -> None:
     """List every context version, oldest first."""
-    versions = _open(db).history(agent)
+    versions = open_store(db, busy_timeout).history(agent)
     if as_json:
         print_json([v.model_dump() for v in versions])
         return
@@ -74,9 +105,10 @@ def diff(
     db: str = DB_OPTION,
     agent: str = AGENT_OPTION,
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
     """Unified diff between two context versions."""
-    store = _open(db)
+    store = open_store(db, busy_timeout)
     b = store.head(agent).version if b is None else b
     text = store.diff(agent, a, b)
     if as_json:
@@ -91,13 +123,15 @@ def rollback(
     db: str = DB_OPTION,
     agent: str = AGENT_OPTION,
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
-    """Make an old version current by appending a copy of it (nothing is deleted)."""
-    new = _open(db).rollback(agent, version)
+    """Make an old version current by appending a copy of it (nothing is deleted; the budget applies)."""
+    new = open_store(db, busy_timeout).rollback(agent, version)
     if as_json:
         print_json(new.model_dump())
     else:
         console.print(f"{agent}: version {new.version} is now a copy of version {version}")
+        _print_truncation(new.note)
 
 
 @context_app.command("fork")
@@ -107,13 +141,16 @@ def fork(
     db: str = DB_OPTION,
     agent: str = AGENT_OPTION,
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
-    """Create a new agent starting from this agent's context at a version."""
-    info = _open(db).fork(agent, to, version)
+    """Create a new agent starting from this agent's context at a version (the budget applies)."""
+    store = open_store(db, busy_timeout)
+    info = store.fork(agent, to, version)
     if as_json:
         print_json(info.model_dump())
     else:
         console.print(f"created agent {to} from {agent} at version {info.forked_at_version}")
+        _print_truncation(store.head(to).note)
 
 
 @context_app.command("set")
@@ -122,19 +159,14 @@ def set_context(
     db: str = DB_OPTION,
     agent: str = AGENT_OPTION,
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
-    """Write a context by hand (recorded as an edit; the budget applies)."""
+    """Write a context by hand (recorded as an edit; over-long text is refused)."""
     import sys
 
-    from ..agent import AgentSettings
-    from ..protocol import apply_budget
-
-    text = sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
-    store = _open(db)
-    settings = AgentSettings(**store.get_agent(agent).settings)
-    if apply_budget(text, settings.context_budget, "reject").text is None:
-        raise ContextFormatError(f"{file}: {len(text)} characters is over the context budget of {settings.context_budget}")
-    new = store.write_context(agent, text, source="edit", note=f"set from {file}")
+    text = sys.stdin.read() if str(file) == "-" else _read_text(file, "context file")
+    store = open_store(db, busy_timeout)
+    new = store.write_context(agent, text, source="edit", note=f"set from {file}", budget_policy="reject")
     if as_json:
         print_json(new.model_dump())
     else:
@@ -146,13 +178,20 @@ def export(
     db: str = DB_OPTION,
     agent: str = AGENT_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of stdout."),
+    as_json: bool = typer.Option(
+        False, "--json", help="The export is JSON either way; with --out, print the result as JSON too."
+    ),
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
     """Export an agent's settings and context versions as JSON."""
-    data = _open(db).export_agent(agent)
+    data = open_store(db, busy_timeout).export_agent(agent)
     if out is None:
         print_json(data)
+        return
+    out.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if as_json:
+        print_json({"agent_id": agent, "out": str(out), "versions": len(data["versions"])})
     else:
-        out.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         console.print(f"exported {len(data['versions'])} versions of {agent} to {out}")
 
 
@@ -162,15 +201,14 @@ def import_(
     db: str = typer.Option("lifecycle-agent.db", "--db", help="SQLite database file (created if missing)."),
     agent: Optional[str] = typer.Option(None, "--agent", "-a", help="Id for the imported agent (default: the exported id)."),
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
     """Import an exported agent as a new agent (refuses an existing id)."""
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ContextFormatError(f"export file {file} does not exist") from None
+        data = json.loads(_read_text(file, "export file"))
     except json.JSONDecodeError as exc:
         raise ContextFormatError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    info = Store(db).import_agent(data, agent)
+    info = open_store(db, busy_timeout, create=True).import_agent(data, agent)
     if as_json:
         print_json(info.model_dump())
     else:
@@ -178,9 +216,9 @@ def import_(
 
 
 @agents_app.command("list")
-def list_agents(db: str = DB_OPTION, as_json: bool = JSON_OPTION) -> None:
+def list_agents(db: str = DB_OPTION, as_json: bool = JSON_OPTION, busy_timeout: float = BUSY_TIMEOUT_OPTION) -> None:
     """List the agents in a database."""
-    store = _open(db)
+    store = open_store(db, busy_timeout)
     infos = store.list_agents()
     if as_json:
         print_json([i.model_dump() for i in infos])
@@ -203,11 +241,17 @@ def delete_agent(
     db: str = DB_OPTION,
     agent: str = typer.Option(..., "--agent", "-a", help="Agent id to delete."),
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
     """Delete an agent with its contexts and episodes (irreversible)."""
-    store = _open(db)
+    store = open_store(db, busy_timeout)
     store.get_agent(agent)
-    if not yes and not typer.confirm(f"delete agent {agent} and all its episodes?"):
+    # the question goes to stderr so that stdout stays pure JSON with --json
+    if not yes and not typer.confirm(f"delete agent {agent} and all its episodes?", err=True):
         raise typer.Abort()
     store.delete_agent(agent)
-    console.print(f"deleted agent {agent}")
+    if as_json:
+        print_json({"agent_id": agent, "deleted": True})
+    else:
+        console.print(f"deleted agent {agent}")

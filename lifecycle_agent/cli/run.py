@@ -15,11 +15,13 @@ from rich.text import Text
 
 from ..agent import LifecycleAgent, RunResult, TaskRecord
 from ..errors import TaskFormatError
+from ..store import check_agent_id
 from . import app
 from .common import (
     AGENT_OPTION, API_KEY_OPTION, BASE_URL_OPTION, DB_OPTION, JSON_OPTION, MODEL_OPTION, console, err_console,
     load_model, print_json,
 )
+from .context import BUSY_TIMEOUT_OPTION, open_store
 
 
 def build_tasks(tasks_file: Optional[Path], env: Optional[str], preset: str, seed: int, n: Optional[int], packing: str):
@@ -54,8 +56,9 @@ def summary_table(result: RunResult) -> Table:
         )
     mean = result.mean_reward
     tokens = sum((r.completion_tokens or 0) for r in result.records)
+    failed = len(result.failed)
     table.caption = (
-        f"{len(result.records)} solved, {len(result.skipped)} already done, {len(result.failed)} failed; "
+        f"{len(result.records) - failed} solved, {len(result.skipped)} already done, {failed} failed; "
         f"mean reward {'-' if mean is None else f'{mean:.3f}'}; {tokens} completion tokens"
     )
     return table
@@ -82,18 +85,29 @@ def run(
     no_resume: bool = typer.Option(False, "--no-resume", help="Solve tasks again even if this agent completed them."),
     show_context: bool = typer.Option(True, "--show-context/--quiet", help="Print each task's outcome and the context as it evolves."),
     as_json: bool = JSON_OPTION,
+    busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
     """Run an agent over tasks, updating its context after each one. Rerun the same command to resume."""
     if parse_policy is not None and parse_policy not in ("lenient", "strict"):
         raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
+    check_agent_id(agent)
     task_list = build_tasks(tasks, env, preset, seed, n, packing)
-    if not as_json:
-        err_console.print(f"loading model {model} ...")
-    chat_model = load_model(model, base_url, api_key)
-    lifecycle = LifecycleAgent(
-        chat_model, db, agent, temperature=temperature, max_new_tokens=max_new_tokens,
-        context_budget=context_budget, parse_policy=parse_policy,
-    )
+    # everything that can be checked cheaply is checked before the (possibly slow) model load
+    with open_store(db, busy_timeout, create=True) as store:
+        if not as_json:
+            err_console.print(f"loading model {model} ...")
+        chat_model = load_model(model, base_url, api_key)
+        lifecycle = LifecycleAgent(
+            chat_model, store, agent, temperature=temperature, max_new_tokens=max_new_tokens,
+            context_budget=context_budget, parse_policy=parse_policy,
+        )
+        _run_and_report(lifecycle, task_list, agent, fail_fast, no_resume, show_context, as_json)
+
+
+def _run_and_report(
+    lifecycle: LifecycleAgent, task_list: list, agent: str, fail_fast: bool, no_resume: bool, show_context: bool, as_json: bool
+) -> None:
+    """Run the tasks and print the outcome: one JSON document, or progress, panels and the closing table."""
     if as_json:
         result = lifecycle.run(task_list, fail_fast=fail_fast, resume=not no_resume)
         print_json(

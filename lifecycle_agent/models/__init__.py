@@ -14,6 +14,8 @@ Spec strings (CLI, server, config files):
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any, Optional
 
 from ..errors import ModelSpecError
@@ -34,6 +36,21 @@ SPEC_FORMS = (
 def _spec_error(spec: str, why: str) -> ModelSpecError:
     forms = "\n  ".join(SPEC_FORMS)
     return ModelSpecError(f"model spec {spec!r}: {why}. Valid forms:\n  {forms}")
+
+
+def _path_hint(exc: ImportError, module_name: str) -> str:
+    """A hint when the spec's own module is missing and the current directory is not importable."""
+    missing = getattr(exc, "name", None)
+    if not isinstance(exc, ModuleNotFoundError) or not missing:
+        return ""
+    if missing != module_name and not module_name.startswith(missing + "."):
+        return ""  # the module was found; something it imports is missing
+    if os.getcwd() in (os.path.abspath(entry or ".") for entry in sys.path):
+        return ""
+    return (
+        "; the current directory is not on the import path: for a module file here, run with "
+        "PYTHONPATH=. or install it as a package"
+    )
 
 
 def _split_adapter(rest: str) -> tuple[str, Optional[str]]:
@@ -126,7 +143,7 @@ def _from_spec(spec: str, *, base_url, api_key, device, dtype, **options) -> Cha
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise _spec_error(spec, f"cannot import module {module_name!r} ({exc})") from None
+            raise _spec_error(spec, f"cannot import module {module_name!r} ({exc}){_path_hint(exc, module_name)}") from None
         try:
             target = getattr(module, attr)
         except AttributeError:

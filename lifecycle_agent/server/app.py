@@ -375,6 +375,13 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
     store = service.store
     db = service.db  # every store call goes through it: SQLite never runs on the event loop
 
+    def refused(exc: ContextFormatError, param: str, ids: dict[str, str]) -> ApiError:
+        """A context write the store refused (over the budget, say), told in the caller's agent ids."""
+        message = str(exc)
+        for sid, public_id in ids.items():
+            message = message.replace(sid, public_id)
+        return _bad(message, param)
+
     def stored_id(tenant: Tenant, public_id: str, param: str = "agent_id") -> str:
         try:
             return tenant.stored_id(public_id)
@@ -624,6 +631,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
 
         try:
             info = await db(fork)
+        except ContextFormatError as exc:  # the forked context is over the budget (policy reject)
+            raise refused(exc, "version", {new_sid: body.agent_id, tenant.stored_id(agent_id): agent_id}) from None
         except AgentExistsError:
             raise ApiError(409, f"you already have an agent {body.agent_id!r}; choose another id", "conflict_error",
                            param="agent_id", code="agent_exists") from None
@@ -658,8 +667,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         sid, _ = await db(owned, request, tenant, agent_id)
         try:
             ctx = await service.write(sid, lambda agent: agent.set_context(body.text, body.note))
-        except ValueError as exc:
-            raise _bad(str(exc), "text") from None
+        except ValueError as exc:  # ContextFormatError among them
+            raise refused(exc, "text", {sid: agent_id}) from None
         return _context_view(tenant, ctx)
 
     @router.get("/v1/agents/{agent_id}/history", response_model=s.HistoryPage, tags=["contexts"])
@@ -712,7 +721,10 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             return sid
 
         sid = await db(check)
-        ctx = await service.write(sid, lambda agent: agent.rollback(body.version))
+        try:
+            ctx = await service.write(sid, lambda agent: agent.rollback(body.version))
+        except ContextFormatError as exc:  # the old version is over the agent's budget (policy reject)
+            raise refused(exc, "version", {sid: agent_id}) from None
         return _context_view(tenant, ctx)
 
     # ------------------------------------------------------------------ episodes
