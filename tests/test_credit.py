@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from trainer.credit import (
     PARSE_FAILURE_REWARD,
+    REWEIGHT_T_MAX,
+    REWEIGHT_T_MIN,
     cod_advantages,
     reweight_advantages,
     solve_returns,
@@ -96,6 +98,34 @@ def test_single_task_tensors_keep_an_empty_update_dimension():
     assert update.shape == (2, 0)
 
 
+def test_numpy_arrays_in_give_numpy_arrays_out():
+    np = pytest.importorskip("numpy")
+    solve, update = cod_advantages(np.array([[1, 0, 1], [0, 0, 0]]), np.array([[0, -0.1], [0, 0]]))
+    assert isinstance(solve, np.ndarray) and solve.shape == (2, 3) and solve.dtype == np.float64  # int rewards in
+    assert isinstance(update, np.ndarray) and update.shape == (2, 2)
+    assert_matrix_close(solve.tolist(), [[1 / 3, 0.25, 0.5], [-1 / 3, -0.25, -0.5]])
+    assert_matrix_close(update.tolist(), [[1 / 6, 0.225], [-1 / 6, -0.225]])
+    solve, update = cod_advantages(np.array([[1.0], [0.0]], dtype=np.float32), np.zeros((2, 0)))
+    assert solve.dtype == np.float32 and update.shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "solve, message",
+    [
+        (lambda np: np.array([1.0, 0.0]), r"solve_rewards must be 2-D \(G rollouts x positions\), got shape \(2,\)"),
+        (lambda np: np.zeros((2, 2, 1)), r"must be 2-D .*got shape \(2, 2, 1\)"),
+        (lambda np: np.array([["a", "b"], ["c", "d"]]), r"solve_rewards\[0\]\[0\] must be a finite number, got 'a'"),
+        (lambda np: [[1, "x"], [0, 0]], r"solve_rewards\[0\]\[1\] must be a finite number, got 'x'"),
+        (lambda np: [[True, 0], [0, 0]], r"solve_rewards\[0\]\[0\] must be a finite number, got True"),
+        (lambda np: None, "solve_rewards must be G x positions rewards .* got NoneType"),
+    ],
+)
+def test_unsupported_rewards_are_refused_with_the_reason(solve, message):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match=message):
+        cod_advantages(solve(np), [[0], [0]])
+
+
 def test_ragged_solve_rewards_are_refused():
     with pytest.raises(ValueError, match=r"solve_rewards\[1\] has 1 positions"):
         cod_advantages([[1, 0], [1]], [[0], [0]])
@@ -129,7 +159,7 @@ def test_reweighting_leaves_a_non_negative_batch_alone():
 def test_reweighting_finds_the_temperature_that_zeroes_the_token_sum():
     values, temperature = reweight_advantages([1.0, -1.0], [1, 3])
     # exp(1/T) = 3 exp(-1/T)  =>  T = 2 / ln 3
-    assert temperature == pytest.approx(2 / math.log(3), abs=0.05)
+    assert temperature == pytest.approx(2 / math.log(3), rel=1e-6)
     assert values[0] == pytest.approx(math.exp(1 / temperature))
     assert abs(values[0] * 1 + values[1] * 3) < 0.1
 
@@ -138,6 +168,61 @@ def test_reweighting_stops_at_the_lowest_temperature():
     values, temperature = reweight_advantages([0.01, -1.0], [1, 100])
     assert temperature == pytest.approx(0.8, abs=0.05)
     assert values[1] > -1.0  # negative advantages shrink
+
+
+def weighted_sum(values, lengths):
+    return sum(a * n for a, n in zip(values, lengths))
+
+
+def test_reweighting_converges_on_the_token_sum_not_on_the_interval():
+    advantages, lengths = [2.0, -0.1], [1, 100]
+    values, temperature = reweight_advantages(advantages, lengths)
+    scale = sum(abs(a) * n for a, n in zip(advantages, lengths))  # 12
+    assert abs(weighted_sum(values, lengths)) <= 1e-6 * scale  # stopping on a 0.05-wide interval left -0.31
+    assert temperature == pytest.approx(1.3048, abs=1e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(min_value=-2, max_value=2, allow_nan=False), st.integers(min_value=0, max_value=300)),
+             min_size=1, max_size=12)
+)
+def test_reweighted_sum_is_balanced_or_on_its_non_negative_side(batch):
+    advantages, lengths = [a for a, _ in batch], [n for _, n in batch]
+    values, temperature = reweight_advantages(advantages, lengths)
+    if temperature is None:
+        assert weighted_sum(advantages, lengths) >= 0 and values == advantages
+        return
+    total, scale = weighted_sum(values, lengths), sum(abs(a) * n for a, n in batch)
+    if temperature == REWEIGHT_T_MIN:  # the sharpest allowed re-weighting may still leave it negative
+        return
+    assert REWEIGHT_T_MIN < temperature <= REWEIGHT_T_MAX
+    assert total >= -1e-6 * scale and (temperature == REWEIGHT_T_MAX or abs(total) <= 1e-6 * scale)
+
+
+def test_reweighting_gives_numpy_and_tensors_back():
+    np = pytest.importorskip("numpy")
+    values, temperature = reweight_advantages(np.array([2.0, -0.1]), np.array([1, 100]))
+    assert isinstance(values, np.ndarray) and values.shape == (2,) and temperature == pytest.approx(1.3048, abs=1e-4)
+    torch = pytest.importorskip("torch")
+    values, _ = reweight_advantages(torch.tensor([2.0, -0.1], dtype=torch.float64), torch.tensor([1, 100]))
+    assert isinstance(values, torch.Tensor) and values.dtype == torch.float64 and values.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "advantages, lengths, message",
+    [
+        (lambda np: ["x", 1.0], [1, 1], r"advantages\[0\] must be a finite number, got 'x'"),
+        (lambda np: [1.0, float("nan")], [1, 1], r"advantages\[1\] must be a finite number, got nan"),
+        (lambda np: [1.0, -1.0], [1, -3], r"lengths\[1\] is -3.0: a completion-token count must be >= 0"),
+        (lambda np: np.array([[1.0, -1.0]]), [1, 1], r"advantages must be 1-D \(one value per episode\), got shape \(1, 2\)"),
+        (lambda np: 0.5, [1], "advantages must be a list, 1-D numpy array or 1-D tensor, got float"),
+    ],
+)
+def test_reweighting_refuses_unsupported_input_with_the_reason(advantages, lengths, message):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match=message):
+        reweight_advantages(advantages(np), lengths)
 
 
 def test_reweighting_refuses_mismatched_lengths():

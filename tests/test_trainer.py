@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -104,6 +105,31 @@ def test_a_directory_holding_a_run_is_refused(trained, tiny_llama):
     out, _ = trained
     with pytest.raises(OutputDirError, match="already holds a training run; pass --resume .* or --overwrite"):
         train(tiny_config(out, tiny_llama))
+
+
+def tree(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in directory.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"model": "hf:/nonexistent/model"}, "no such directory"),
+        ({"trl_args": {"optim": "bogus"}}, "GRPOConfig refused them: bogus is not a valid OptimizerNames"),
+        pytest.param({"trl_args": {"optim": "adamw_bnb_8bit"}}, "You need to install `bitsandbytes`", marks=pytest.mark.skipif(
+            importlib.util.find_spec("bitsandbytes") is not None, reason="needs bitsandbytes not installed")),
+        ({"lora_target": "nope_proj"}, "Target modules {'nope_proj'} not found"),
+    ],
+    ids=["missing-model", "unknown-optimizer", "uninstalled-optimizer", "unknown-lora-target"],
+)
+def test_a_failed_start_with_overwrite_keeps_the_previous_run(trained, tiny_llama, tmp_path, bad, message):
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    before = tree(out)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(tiny_config(out, tiny_llama, **bad), overwrite=True)
+    assert tree(out) == before  # the run is intact, so --resume or a corrected --overwrite still work
+    assert cod_trainer.check_output_dir(tiny_config(out, tiny_llama), resume=True, overwrite=False)
 
 
 def test_resume_with_different_options_is_refused(trained, tiny_llama):

@@ -105,3 +105,21 @@ def test_tiny_run_from_the_command_line(cli, tmp_path, tiny_llama):
     assert result["steps"] == 1 and (out / "adapter_model.safetensors").is_file()
     command = json.loads((out / "train_config.json").read_text())["command"]
     assert command.startswith("lifecycle-agent train --lora --output ") and "--group-size 2" in command
+
+
+def test_a_failed_start_leaves_the_output_directory_for_a_corrected_retry(cli, tmp_path, tiny_llama):
+    pytest.importorskip("trl")
+    out = tmp_path / "runs" / "o"
+    common = ["train", "--lora", "--env", "reply-length", "--steps", "1", "--group-size", "2", "--pack-size", "2",
+              "--max-new-tokens", "8", "--output", out, "--device", "cpu", "--no-report", "--no-progress"]
+    for bad, message in (
+        (["--model", f"hf:{tmp_path / 'missing'}"], "no such directory"),  # fails loading the model
+        (["--model", f"hf:{tiny_llama}", "--trl-arg", "optim=bogus"], "GRPOConfig refused them: bogus is not a valid"),
+        (["--model", f"hf:{tiny_llama}", "--lora-target", "nope_proj"], "Target modules {'nope_proj'} not found"),
+    ):
+        code, _, err = cli(*common, *bad)
+        assert code == 2 and message in " ".join(err.split())
+        assert not (tmp_path / "runs").exists()  # no train_config.json, not even the directory
+    code, _, err = cli(*common, "--model", f"hf:{tiny_llama}")
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").is_file()

@@ -40,7 +40,7 @@ from lifecycle_agent.store import Store
 
 from .cod_config import CoDConfig, check_trainable_spec, resolve_precision
 from .credit import batch_advantages
-from .errors import NonFiniteLossError, OutputDirError
+from .errors import NonFiniteLossError, OutputDirError, TrainConfigError
 from .loss import cod_policy_loss_sum
 from .rollout import (
     PackSpec, Rollout, RolloutCollector, RolloutSettings, rollout_metrics, run_sync, summarize, training_rows,
@@ -64,7 +64,7 @@ class CoDTrainer(GRPOTrainer):
         args: ``GRPOConfig`` from :func:`grpo_arguments`.
         train_dataset: rows ``{"env", "preset", "seed", "prompt"}`` from :meth:`CoDConfig.pack_schedule`.
         peft_config: a ``peft.LoraConfig`` (see :func:`lora_config`).
-        rollout_store: where rollout episodes are written (default: in memory).
+        rollout_store: where rollout episodes are written (default: in memory; see :meth:`keep_rollouts_in`).
     """
 
     def __init__(self, model, processing_class, cod_config: CoDConfig, args: GRPOConfig, train_dataset,
@@ -90,6 +90,12 @@ class CoDTrainer(GRPOTrainer):
             self.policy, rollout_store or Store(":memory:"), settings,
             id_prefix=f"train-{uuid.uuid4().hex[:6]}-p{self.accelerator.process_index}", keep=cod_config.keep_rollouts,
         )
+
+    def keep_rollouts_in(self, store: Store) -> None:
+        """Write the rollout episodes to ``store`` from now on (:func:`train` opens the run's store only once the
+        trainer is built, so a start that fails leaves the output directory alone)."""
+        self.collector.store.close()
+        self.collector.store = store
 
     # ------------------------------------------------------------------ the seam: rollouts and credit
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -188,6 +194,8 @@ class CoDTrainer(GRPOTrainer):
         loss_sum, kept, entropy_sum = 0.0, 0.0, 0.0
         for group in length_groups(inputs["prompt_mask"], 2 * self.cod.pack_size - 1):  # one per episode kind
             sub = trim_padding(inputs, group)
+            # The entropies cost nothing extra: TRL's fused LM head (add_fused_lm_head in GRPOTrainer.__init__,
+            # outputs=("log_probs", "entropy")) computes them on every call; compute_entropy only returns them.
             logps, entropies, _ = self._get_per_token_logps_and_entropies(
                 model, torch.cat([sub["prompt_ids"], sub["completion_ids"]], dim=1),
                 torch.cat([sub["prompt_mask"], sub["completion_mask"]], dim=1), sub["completion_ids"].size(1),
@@ -330,7 +338,25 @@ def grpo_arguments(config: CoDConfig, device: str, dtype: str, world_size: int) 
         dataloader_num_workers=0,
     )
     arguments.update(config.trl_args)
-    return GRPOConfig(**arguments)
+    try:
+        return GRPOConfig(**arguments)
+    except (TypeError, ValueError) as exc:
+        if not config.trl_args:
+            raise
+        raise TrainConfigError(
+            f"trl_args {config.trl_args}: TRL's GRPOConfig refused them: {exc}. Fix or drop the --trl-arg"
+        ) from None
+
+
+def check_optimizer(args: GRPOConfig, model) -> None:
+    """Resolve the optimizer ``args.optim`` names as ``Trainer`` will, so an unknown or uninstalled one fails now."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except (ImportError, ValueError) as exc:
+        name = getattr(args.optim, "value", args.optim)
+        raise TrainConfigError(f"trl_args optim={name!r}: {exc}. Fix or drop --trl-arg optim") from None
 
 
 def load_base_model(config: CoDConfig, dtype: str):
@@ -351,12 +377,12 @@ def last_checkpoint(output_dir: str | Path) -> Optional[str]:
     return get_last_checkpoint(str(directory)) if directory.is_dir() else None
 
 
-def prepare_output_dir(config: CoDConfig, *, resume: bool, overwrite: bool) -> Optional[str]:
-    """Make the output directory ready; returns the checkpoint to resume from (``None`` for a new run).
+def check_output_dir(config: CoDConfig, *, resume: bool, overwrite: bool) -> Optional[str]:
+    """Whether the run may use its output directory (changes nothing); returns the checkpoint to resume from.
 
     A directory holding another run is refused unless ``resume`` (same options; continues from
-    its last checkpoint) or ``overwrite`` (its contents are deleted). A non-empty directory that
-    holds no run is never deleted.
+    its last checkpoint) or ``overwrite`` (its contents will be deleted). A non-empty directory
+    that holds no run is refused. ``None`` for a new run.
     """
     out = Path(config.output_dir).expanduser()
     stored = out / CONFIG_FILE
@@ -387,10 +413,30 @@ def prepare_output_dir(config: CoDConfig, *, resume: bool, overwrite: bool) -> O
             raise OutputDirError(
                 f"{out} already holds a training run; pass --resume to continue it or --overwrite to start over"
             )
+    return None
+
+
+def prepare_output_dir(config: CoDConfig, *, resume: bool, overwrite: bool) -> Optional[str]:
+    """:func:`check_output_dir`, then make the directory ready: with ``overwrite`` the run in it is deleted."""
+    checkpoint = check_output_dir(config, resume=resume, overwrite=overwrite)
+    out = Path(config.output_dir).expanduser()
+    if overwrite and (out / CONFIG_FILE).is_file():
         for item in out.iterdir():
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    return None
+    return checkpoint
+
+
+def _remove_new_directories(out: Path, top: Optional[Path]) -> None:
+    """Remove ``out`` and its parents up to ``top`` (the highest that did not exist before) while they are empty."""
+    if top is None:
+        return
+    for directory in (out, *out.parents):
+        if not directory.is_dir() or any(directory.iterdir()):
+            return
+        directory.rmdir()
+        if directory == top:
+            return
 
 
 def _versions() -> dict[str, str]:
@@ -456,7 +502,9 @@ def train(
     ``smollm2@DIR``), ``checkpoint-N/`` directories, ``metrics.jsonl``, ``train_config.json``,
     the held-out evaluations (``eval_before.json``, ``eval_after.json``, ``eval_history.jsonl``)
     and ``report.md`` with ``report.png``. Raises :class:`~trainer.errors.NonFiniteLossError`
-    when the loss or a gradient stops being finite (the last checkpoint stays good).
+    when the loss or a gradient stops being finite (the last checkpoint stays good). A start
+    that fails before training (a missing model, a GRPOConfig field or optimizer TRL refuses,
+    LoRA target modules the model lacks) leaves ``config.output_dir`` as it was.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -474,6 +522,28 @@ def train(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     out = Path(config.output_dir).expanduser()
+    if state.is_main_process:
+        check_output_dir(config, resume=resume, overwrite=overwrite)
+
+    from datasets import Dataset
+
+    # Everything that can refuse the start (the TRL arguments, the model, the adapter) runs before the output
+    # directory changes: a failed start leaves it as it was, and a corrected command may use it.
+    args = grpo_arguments(config, device, dtype, state.num_processes)
+    model, tokenizer = load_base_model(config, dtype)
+    new_top = next((d for d in reversed((out, *out.parents)) if not d.exists()), None)  # highest directory to create
+    trainer = None
+    try:
+        trainer = CoDTrainer(
+            model, tokenizer, config, args, Dataset.from_list(config.pack_schedule()), peft_config=lora_config(config),
+        )
+        check_optimizer(trainer.args, trainer.model)
+    except BaseException:
+        if trainer is not None:
+            trainer.policy.close()
+        if state.is_main_process:
+            _remove_new_directories(out, new_top)  # transformers' Trainer creates the output directory first thing
+        raise
     checkpoint = None
     if state.is_main_process:
         checkpoint = prepare_output_dir(config, resume=resume, overwrite=overwrite)
@@ -484,17 +554,10 @@ def train(
     state.wait_for_everyone()
     if not state.is_main_process and resume:
         checkpoint = last_checkpoint(out)
-
-    from datasets import Dataset
-
-    model, tokenizer = load_base_model(config, dtype)
-    args = grpo_arguments(config, device, dtype, state.num_processes)
-    rank_db = ROLLOUT_DB if state.process_index == 0 else f"rollouts-rank{state.process_index}.db"
-    store = Store(str(out / rank_db)) if config.keep_rollouts else None
-    trainer = CoDTrainer(
-        model, tokenizer, config, args, Dataset.from_list(config.pack_schedule()),
-        peft_config=lora_config(config), rollout_store=store,
-    )
+    store = None
+    if config.keep_rollouts:
+        store = Store(str(out / (ROLLOUT_DB if state.process_index == 0 else f"rollouts-rank{state.process_index}.db")))
+        trainer.keep_rollouts_in(store)
     trainer.remove_callback(PrinterCallback)  # every log goes to metrics.jsonl (and the progress bar) instead
     evaluate = config.report or config.eval_every > 0
     if config.progress:

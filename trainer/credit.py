@@ -10,12 +10,15 @@ positions j = 0..S-1, solve rewards ``r_x[i][j]`` and update rewards ``r_z[i][j]
     advantage        A[i][j]  = R[i][j] - b[j]          (optionally / (std over i + eps))
 
 An update is credited with the tasks it can still influence. Every function here is pure
-Python on nested lists; torch tensors are accepted and given back as tensors.
+Python on nested lists; numpy arrays and torch tensors are accepted and given back as the same
+type (neither library is imported unless the caller already uses it).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 from collections import defaultdict
 from typing import Any, Hashable, Optional, Sequence
 
@@ -25,6 +28,10 @@ PARSE_FAILURE_REWARD = -0.1
 STD_EPS = 1e-6
 #: Bounds of the re-weighting temperature searched by :func:`reweight_advantages`.
 REWEIGHT_T_MIN, REWEIGHT_T_MAX = 0.8, 100.0
+#: The bisection stops once ``|sum_k A_k exp(A_k/T) L_k| <= REWEIGHT_RTOL * sum_k |A_k| L_k`` ...
+REWEIGHT_RTOL = 1e-9
+#: ... or once its interval is narrower than ``REWEIGHT_T_RTOL * T``.
+REWEIGHT_T_RTOL = 1e-12
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -71,17 +78,17 @@ def cod_advantages(solve_rewards: Any, update_rewards: Any, normalize_std: bool 
     """Advantages of every solve and update episode of the G rollouts of one pack.
 
     Args:
-        solve_rewards: G x S rewards ``r_x`` (nested lists or a 2-D tensor).
+        solve_rewards: G x S rewards ``r_x`` (nested lists, a 2-D numpy array or a 2-D tensor).
         update_rewards: G x (S-1) rewards ``r_z`` (0 for a parsed update, -0.1 for an unparseable one).
         normalize_std: divide by the group's standard deviation at each (type, position).
 
     Returns:
-        ``(solve_advantages, update_advantages)`` with the shapes of the inputs; tensors when
-        ``solve_rewards`` was a tensor, nested lists otherwise.
+        ``(solve_advantages, update_advantages)`` with the shapes of the inputs, each of the type of
+        its input: a numpy array or tensor (floating dtype of the input, else float64 / float32)
+        for an array or tensor, nested lists otherwise.
 
-    Raises ValueError for ragged, mismatched or non-finite input, naming the offending cell.
+    Raises ValueError for ragged, mismatched, non-numeric or non-finite input, naming the offending cell.
     """
-    tensor_like = hasattr(solve_rewards, "tolist") and hasattr(solve_rewards, "dtype")
     r_x = _as_matrix(solve_rewards, "solve_rewards")
     r_z = _as_matrix(update_rewards, "update_rewards")
     if not r_x:
@@ -101,30 +108,67 @@ def cod_advantages(solve_rewards: Any, update_rewards: Any, normalize_std: bool 
             )
     adv_x = group_advantages(solve_returns(r_x), normalize_std)
     adv_z = group_advantages(update_returns(r_z, r_x), normalize_std) if size > 1 else [[] for _ in r_x]
-    if tensor_like:
-        import torch
+    return _like(solve_rewards, adv_x, (len(r_x), size)), _like(update_rewards, adv_z, (len(r_x), size - 1))
 
-        dtype = solve_rewards.dtype if solve_rewards.dtype.is_floating_point else torch.float32
-        return torch.tensor(adv_x, dtype=dtype), torch.tensor(adv_z, dtype=dtype).reshape(len(r_x), size - 1)
-    return adv_x, adv_z
+
+def _array_kind(values: Any) -> Optional[str]:
+    """``"numpy"`` or ``"torch"`` for an array of that library, else ``None`` (the libraries are not imported here)."""
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    if numpy is not None and isinstance(values, numpy.ndarray):
+        return "numpy"
+    if torch is not None and isinstance(values, torch.Tensor):
+        return "torch"
+    return None
+
+
+def _like(template: Any, values: list, shape: tuple[int, ...]) -> Any:
+    """``values`` as the type of ``template``: an array or tensor of ``shape`` (its dtype when floating), else as is."""
+    kind = _array_kind(template)
+    if kind == "numpy":
+        numpy = sys.modules["numpy"]
+        dtype = template.dtype if numpy.issubdtype(template.dtype, numpy.floating) else numpy.float64
+        return numpy.asarray(values, dtype=dtype).reshape(shape)
+    if kind == "torch":
+        torch = sys.modules["torch"]
+        dtype = template.dtype if template.dtype.is_floating_point else torch.float32
+        return torch.tensor(values, dtype=dtype).reshape(shape)
+    return values
+
+
+def _number(value: Any, where: str) -> float:
+    """``value`` as a finite float; ValueError naming ``where`` for anything else (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _as_matrix(values: Any, name: str) -> list[list[float]]:
-    if hasattr(values, "tolist"):
+    if _array_kind(values) is not None:
+        if values.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (G rollouts x positions), got shape {tuple(values.shape)}")
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{name} must be a G x positions nested list or 2-D tensor, got {type(values).__name__}")
+        raise ValueError(
+            f"{name} must be G x positions rewards (nested lists, a 2-D numpy array or tensor), got {type(values).__name__}"
+        )
     matrix = []
     for i, row in enumerate(values):
+        if _array_kind(row) is not None and row.ndim == 1:
+            row = row.tolist()
         if not isinstance(row, (list, tuple)):
             raise ValueError(f"{name}[{i}] must be a list of rewards, got {type(row).__name__}")
-        clean = []
-        for j, value in enumerate(row):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}[{i}][{j}] must be a finite number, got {value!r}")
-            clean.append(float(value))
-        matrix.append(clean)
+        matrix.append([_number(value, f"{name}[{i}][{j}]") for j, value in enumerate(row)])
     return matrix
+
+
+def _as_vector(values: Any, name: str) -> list[Any]:
+    if _array_kind(values) is not None:
+        if values.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (one value per episode), got shape {tuple(values.shape)}")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list, 1-D numpy array or 1-D tensor, got {type(values).__name__}")
+    return list(values)
 
 
 def update_reward(status: Optional[str], penalty: float = PARSE_FAILURE_REWARD) -> float:
@@ -137,44 +181,68 @@ def update_reward(status: Optional[str], penalty: float = PARSE_FAILURE_REWARD) 
 
 
 def reweight_advantages(
-    advantages: Sequence[float],
-    lengths: Sequence[int],
+    advantages: Any,
+    lengths: Any,
     t_min: float = REWEIGHT_T_MIN,
     t_max: float = REWEIGHT_T_MAX,
-) -> tuple[list[float], Optional[float]]:
+) -> tuple[Any, Optional[float]]:
     """The paper's optional adaptive re-weighting of a batch of advantages.
 
     ``lengths[k]`` is the number of completion tokens that carry ``advantages[k]``. When the
     token-weighted sum ``sum_k A_k * L_k`` is negative, a temperature T in ``[t_min, t_max]``
-    is found by bisection so that ``sum_k A_k * exp(A_k / T) * L_k`` is about 0, and every
+    is found by bisection so that ``f(T) = sum_k A_k * exp(A_k / T) * L_k`` is 0, and every
     advantage becomes ``A_k * exp(A_k / T)`` (positive ones grow, negative ones shrink).
 
-    Returns ``(new_advantages, T)``; ``T`` is ``None`` (advantages unchanged) when the sum is >= 0.
+    ``f`` falls as T grows. The bisection runs until ``|f(T)| <= REWEIGHT_RTOL * sum_k |A_k| L_k``
+    or the interval is narrower than ``REWEIGHT_T_RTOL * T``; in the second case it returns the end
+    where ``f >= 0``, so the re-weighted sum is never left negative when a balancing T exists. When
+    ``f(t_max) >= 0`` already, T = ``t_max``; when even ``f(t_min) < 0``, T = ``t_min`` (the closest
+    to balance the range allows).
+
+    ``advantages`` and ``lengths`` are lists, 1-D numpy arrays or 1-D tensors; the new advantages
+    come back as the type of ``advantages``. Returns ``(new_advantages, T)``; ``T`` is ``None``
+    (advantages unchanged) when the sum is >= 0. Raises ValueError for mismatched lengths,
+    non-numeric or non-finite values, or a negative length.
     """
-    if len(advantages) != len(lengths):
-        raise ValueError(f"got {len(advantages)} advantages but {len(lengths)} lengths; pass one length per advantage")
+    values = [_number(a, f"advantages[{k}]") for k, a in enumerate(_as_vector(advantages, "advantages"))]
+    counts = [_number(n, f"lengths[{k}]") for k, n in enumerate(_as_vector(lengths, "lengths"))]
+    if len(values) != len(counts):
+        raise ValueError(f"got {len(values)} advantages but {len(counts)} lengths; pass one length per advantage")
+    negative = [k for k, n in enumerate(counts) if n < 0]
+    if negative:
+        raise ValueError(f"lengths[{negative[0]}] is {counts[negative[0]]}: a completion-token count must be >= 0")
     if not 0 < t_min < t_max:
         raise ValueError(f"need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
-    values = [float(a) for a in advantages]
 
     def weighted_sum(temperature: Optional[float]) -> float:
         if temperature is None:
-            return sum(a * n for a, n in zip(values, lengths))
-        return sum(a * math.exp(a / temperature) * n for a, n in zip(values, lengths))
+            return sum(a * n for a, n in zip(values, counts))
+        return sum(a * math.exp(a / temperature) * n for a, n in zip(values, counts))
 
     if weighted_sum(None) >= 0:
-        return values, None
-    low, high = t_min, t_max
-    temperature = (low + high) / 2
-    for _ in range(20):
-        temperature = (low + high) / 2
-        if weighted_sum(temperature) < 0:
-            high = temperature  # still negative: sharpen (a lower T favours positive advantages)
+        return _like(advantages, values, (len(values),)), None
+    tolerance = REWEIGHT_RTOL * sum(abs(a) * n for a, n in zip(values, counts))
+    temperature = _balancing_temperature(weighted_sum, t_min, t_max, tolerance)
+    return _like(advantages, [a * math.exp(a / temperature) for a in values], (len(values),)), temperature
+
+
+def _balancing_temperature(weighted_sum, t_min: float, t_max: float, tolerance: float) -> float:
+    """Bisection for ``weighted_sum(T) = 0`` on ``[t_min, t_max]`` (``weighted_sum`` falls as T grows)."""
+    if weighted_sum(t_max) >= 0:
+        return t_max
+    if weighted_sum(t_min) < 0:
+        return t_min
+    low, high = t_min, t_max  # weighted_sum(low) >= 0 > weighted_sum(high)
+    while high - low > REWEIGHT_T_RTOL * high:
+        middle = (low + high) / 2
+        value = weighted_sum(middle)
+        if abs(value) <= tolerance:
+            return middle
+        if value < 0:
+            high = middle  # still negative: a lower T favours the positive advantages
         else:
-            low = temperature
-        if high - low < 0.05:
-            break
-    return [a * math.exp(a / temperature) for a in values], temperature
+            low = middle
+    return low
 
 
 def batch_advantages(
