@@ -316,33 +316,42 @@ def test_wall_time_limit_cuts_the_check_before_the_first_iteration(repo):
 
 
 class Chatty(ChatModel):
-    """Lists files forever; every call reports 100 tokens."""
+    """Lists files forever; reports 1 token per 4 prompt characters and 10 per reply; ignores max_new_tokens."""
 
     model_id = "chatty"
 
     def __init__(self):
-        self.calls = 0
+        self.calls: list[tuple[int, int | None]] = []  # (prompt tokens, max_new_tokens) of every call
 
     def generate(self, messages, *, temperature=None, max_new_tokens=None):
-        self.calls += 1
+        prompt = sum(len(str(m["content"])) for m in messages) // 4
+        self.calls.append((prompt, max_new_tokens))
         if CONTEXT_BEGIN in messages[0]["content"]:
-            return Generation(notes_reply(["listing files"]), prompt_tokens=90, completion_tokens=10)
-        return Generation('{"tool": "list_files", "args": {}}', prompt_tokens=90, completion_tokens=10)
+            return Generation(notes_reply(["listing files"]), prompt_tokens=prompt, completion_tokens=10)
+        return Generation('{"tool": "list_files", "args": {}}', prompt_tokens=prompt, completion_tokens=10)
 
 
-def test_token_limit_ends_an_iteration_and_the_loop(repo):
+def test_token_limit_is_never_passed(repo):
     model = Chatty()
-    result = loop(repo, model, max_tokens=350, max_turns=30)
-    assert result.stop_reason == "max_tokens"
+    result = loop(repo, model, max_tokens=1600, max_turns=30)
+    assert result.stop_reason == "max_tokens" and "the notes update was not run" in result.message
     (info,) = result.iterations
-    assert info.turns == 4  # 400 tokens after the 4th call >= 350: no 5th tool call
-    assert result.tokens == 500 and model.calls == 5
+    assert result.tokens <= 1600
+    assert info.turns == len(model.calls) == 3 and "token limit" in info.note  # no call that cannot fit
+    assert info.update_status == "token_limit" and result.notes == ""  # the update did not fit: not run
+    spent = 0
+    for prompt, cap in model.calls:  # each call may generate only what its prompt leaves of the limit
+        assert cap <= 1600 - spent - prompt
+        spent += prompt + 10
+    assert model.calls[-1][1] < 100
 
 
 def test_token_limit_counts_tokens_of_earlier_runs(repo):
-    loop(repo, Chatty(), max_tokens=350)
-    again = loop(repo, Chatty(), max_tokens=350)
-    assert (again.stop_reason, again.iterations_run) == ("max_tokens", 0)
+    loop(repo, Chatty(), max_tokens=1600)
+    model = Chatty()
+    again = loop(repo, model, max_tokens=1600)
+    assert (again.stop_reason, again.iterations_run, model.calls) == ("max_tokens", 0, [])
+    assert "cannot hold a model call" in again.message
 
 
 def test_turn_limit_ends_an_iteration_and_runs_the_check(repo):
@@ -350,6 +359,16 @@ def test_turn_limit_ends_an_iteration_and_runs_the_check(repo):
     (info,) = result.iterations
     assert info.turns == 3 and info.check_passed is False
     assert "all 3 tool calls" in info.note
+
+
+def test_completion_marker_in_output_longer_than_the_agent_is_shown_is_seen(repo):
+    say = f"{PYTHON} -c \"print('x' * 3000); print('<promise>COMPLETE</promise>'); print('y' * 6000)\""
+    result = run_loop(repo, check=CHECK, agent_cmd=say, max_iterations=3)
+    assert result.stop_reason == "completion_marker" and len(result.iterations) == 1
+
+
+def test_stop_messages_count_in_words(repo):
+    assert loop(repo, forgetful(), max_iterations=1).message == "reached the limit of 1 iteration"
 
 
 def test_completion_marker_stops_the_loop_without_passing(repo):
@@ -438,6 +457,82 @@ def test_loop_goes_on_once_the_symlinked_notes_file_is_removed(repo, tmp_path):
     again = run_loop(repo, check=CHECK, agent_cmd=link_once, max_iterations=5)
     assert again.resumed == 1 and again.passed
     assert outside.read_text() == "private text\n"
+
+
+def test_prompt_edited_while_the_loop_is_stopped_is_taken_in_and_committed(repo):
+    loop(repo, forgetful(), max_iterations=1)
+    (repo / "PROMPT.md").write_text("Task, second version: make the check pass.\n")
+    seen = []
+
+    def solve(messages):
+        seen.append(messages[1]["content"])
+        return '{"tool": "done"}'
+
+    result = loop(repo, ScriptedModel(solve, learn_from_check), max_iterations=2)
+    assert result.stop_reason == "max_iterations" and "second version" in seen[0]
+    assert commits(repo)[1] == "ralph: commit changes made before the loop started"
+    assert git(repo, "show", "--name-only", "--format=", "HEAD~1").split() == ["PROMPT.md"]
+
+
+def test_prompt_edited_after_a_kill_is_not_stashed_with_the_partial_work(repo):
+    with pytest.raises(KeyboardInterrupt):  # iteration 2 dies at its second turn, after writing calc.py
+        loop(repo, Interrupting(lambda m: "Iteration 2 of" in m[1]["content"] and turn(m) == 1))
+    (repo / "PROMPT.md").write_text("Task, second version: make the check pass.\n")
+    seen = []
+
+    def solve(messages):
+        seen.append(messages[1]["content"])
+        return fix_from_hints(messages)
+
+    result = loop(repo, ScriptedModel(solve, learn_from_check))
+    assert (result.stop_reason, result.resumed) == ("check_passed", 2)
+    assert "second version" in seen[0]
+    assert "PROMPT.md" not in git(repo, "stash", "show", "--include-untracked", "--name-only", "stash@{0}")
+
+
+def test_notes_edited_while_an_iteration_runs_are_taken_in_after_the_update(repo):
+    def solve(messages):
+        if turn(messages) == 0:  # a person edits the notes file while the agent works
+            (repo / "NOTES.md").write_text("A person says: read check.py first.\n")
+            return write_calc(1)
+        return '{"tool": "done"}'
+
+    events = []
+    result = loop(repo, ScriptedModel(solve, learn_from_check), max_iterations=1, on_event=events.append)
+    history = loop_status(repo).notes_history
+    assert [v.source for v in history] == ["init", "update", "edit"]
+    assert f"must return {SECRET}" in history[1].text  # the update's notes are kept in the history
+    assert "A person says" in history[2].text and "during iteration 1" in history[2].note
+    assert "A person says" in result.notes and "A person says" in (repo / "NOTES.md").read_text()
+    assert result.iterations[0].notes_version == 1
+    assert any(e.kind == "notes_edit" and "while iteration 1 ran" in e.message for e in events)
+
+
+LONG_NOTES_AGENT = f"""\
+import pathlib, sys
+sys.stdin.read()
+notes = pathlib.Path("NOTES.md")
+text = notes.read_text() if notes.exists() else ""
+n = text.count("LESSON") + 1
+notes.write_text(text + f"LESSON {{n}}: " + "word " * 300 + "\\n")
+pathlib.Path("attempt.txt").write_text(str(n))
+"""
+
+
+def test_agent_notes_over_the_budget_are_cut_at_a_word_boundary_recorded_and_reported(tmp_path):
+    repo = make_repo(tmp_path / "repo", extra={"long_notes.py": LONG_NOTES_AGENT})
+    events = []
+    result = run_loop(repo, check=CHECK, agent_cmd=f"{PYTHON} long_notes.py", max_iterations=3, max_same_failure=10,
+                      on_event=events.append)
+    status = loop_status(repo)
+    assert [i.notes_version for i in status.iterations] == [1, 2, 3]
+    third = status.notes_history[3]
+    assert re.search(r"truncated: the notes file was 45\d\d characters, budget 4000", third.note)
+    assert len(third.text) <= 4000 and third.text.endswith("word") and result.notes == third.text
+    assert any(e.kind == "notes" and e.iteration == 3 and "over the notes budget of 4000" in e.message for e in events)
+    with Store(result.db) as store:
+        prompt = store.episodes("ralph", kind="solve", task_id="iter-1")[0].messages[0]["content"]
+    assert "under 4000 characters" in prompt
 
 
 def test_notes_seeded_before_the_first_iteration_are_used(repo):
@@ -565,6 +660,102 @@ def test_killed_loop_resumes_with_the_same_notes(repo, tmp_path):
     assert result.iterations[1].context_version == result.iterations[0].notes_version
 
 
+# An agent command that starts a helper in its process group (as a coding CLI runs its tools),
+# says where it is, and works on; the helper writes late.txt into the repository later.
+LINGERING_AGENT = """\
+import os, pathlib, subprocess, sys, time
+sys.stdin.read()
+late = "import pathlib, time; time.sleep(float({late!r})); pathlib.Path('late.txt').write_text('late')"
+subprocess.Popen([sys.executable, "-c", late])
+pathlib.Path({ready!r}).write_text(f"{{os.getpid()}} {{os.getppid()}} {{os.getpgrp()}}")
+time.sleep(60)
+"""
+
+
+def proc_stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def running(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return bool(stat) and stat[0] not in ("Z", "X")
+
+
+def stop_leftovers(group: int) -> None:
+    """Kill what a failed test left running in process group ``group``."""
+    if any(proc_stat(int(p))[2:3] == [str(group)] for p in os.listdir("/proc") if p.isdigit()):
+        os.killpg(group, signal.SIGKILL)
+
+
+def start_lingering_loop(repo: Path, tmp_path: Path, late: float) -> tuple[subprocess.Popen, list[int]]:
+    """The loop (the CLI) in a process of its own, once its agent command and the helper run: (process, pids)."""
+    ready = tmp_path / "ready"
+    (tmp_path / "agent.py").write_text(LINGERING_AGENT.format(late=str(late), ready=str(ready)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lifecycle_agent", "ralph", "--repo", str(repo), "--check", CHECK,
+         "--agent-cmd", f"{PYTHON} {shlex.quote(str(tmp_path / 'agent.py'))}", "--max-iterations", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists() or not ready.read_text():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "the agent command never started"
+        time.sleep(0.05)
+    return proc, [int(n) for n in ready.read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_the_agent_command_with_its_process_group(repo, tmp_path, sig):
+    proc, (agent, _, group) = start_lingering_loop(repo, tmp_path, late=1.5)
+    try:
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 128 + sig, out
+        assert f"stopped by {signal.Signals(sig).name}" in out
+        assert not running(agent)
+        time.sleep(2.5)
+        assert not (repo / "late.txt").exists()
+    finally:
+        stop_leftovers(group)
+    assert loop_status(repo).runs[-1].stop_reason == "interrupted"
+    assert not (repo / ".lifecycle-agent" / "ralph-ralph.groups.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_loop_started_after_a_sigkill_stops_what_the_killed_loop_left_running(repo, tmp_path):
+    proc, (agent, parent, group) = start_lingering_loop(repo, tmp_path, late=6)
+    try:
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        check_after_the_kill(repo, agent if parent == proc.pid else parent, group, killed_at)
+    finally:
+        stop_leftovers(group)
+
+
+def check_after_the_kill(repo: Path, child: int, group: int, killed_at: float) -> None:
+    deadline = time.monotonic() + 5
+    while running(child) and time.monotonic() < deadline:  # the loop's direct child dies with it (Linux)
+        time.sleep(0.05)
+    assert not running(child)
+    status = loop_status(repo)
+    assert (status.runs[-1].stop_reason, status.runs[-1].stale, status.in_progress["running"]) == (
+        "interrupted", True, False
+    )
+    events = []
+    result = run_loop(repo, check=CHECK, agent_cmd="true", max_iterations=1, on_event=events.append)
+    assert time.monotonic() - killed_at < 6, "too slow to tell: the helper may have written late.txt already"
+    assert result.resumed == 1
+    assert any(e.kind == "setup" and f"stopped process group {group}" in e.message for e in events)
+    time.sleep(max(0.0, killed_at + 7 - time.monotonic()))
+    assert not (repo / "late.txt").exists()
+    assert "late.txt" not in git(repo, "log", "--all", "--name-only", "--format=")
+
+
 # ---------------------------------------------------------------- safety and bad input
 def test_not_a_git_repository_is_refused(tmp_path):
     (tmp_path / "PROMPT.md").write_text("task")
@@ -620,10 +811,32 @@ def solve_episodes_if_any(repo: Path) -> int:
         return store.count_episodes("ralph", "solve") if store.has_agent("ralph") else 0
 
 
-def test_allow_dirty_commits_the_changes_in_the_first_iteration(repo):
+def test_allow_dirty_commits_the_changes_before_the_first_iteration(repo):
     (repo / "extra.txt").write_text("work in progress\n")
-    loop(repo, learner(), allow_dirty=True)
-    assert "extra.txt" in git(repo, "show", "--name-only", "--format=", "HEAD~1")
+    result = loop(repo, learner(), allow_dirty=True)
+    assert commits(repo)[2] == "ralph: commit changes made before the loop started"
+    assert git(repo, "show", "--name-only", "--format=", "HEAD~2").split() == ["extra.txt"]
+    assert "extra.txt" not in result.iterations[0].changed_files
+
+
+def test_a_killed_iteration_resumes_in_a_repository_that_had_no_commit(tmp_path):
+    repo = tmp_path / "fresh"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    for name, text in {"calc.py": "def secret():\n    return 0\n", "check.py": CHECK_PY, ".gitignore": "__pycache__/\n",
+                       "PROMPT.md": "Make `python check.py` pass.\n"}.items():
+        (repo / name).write_text(text)
+    with pytest.raises(KeyboardInterrupt):  # iteration 1 writes calc.py, then dies at its second turn
+        loop(repo, Interrupting(lambda m: turn(m) == 1), allow_dirty=True)
+    result = loop(repo, learner(), allow_dirty=True)
+    assert (result.stop_reason, result.resumed) == ("check_passed", 1)
+    assert commits(repo)[-1] == "ralph: commit changes made before the loop started"
+    assert "PROMPT.md" in git(repo, "show", "--name-only", "--format=", commits_ids(repo)[-1])
+    assert "partial work of interrupted iteration 1" in git(repo, "stash", "list")
+
+
+def commits_ids(repo: Path) -> list[str]:
+    return git(repo, "log", "--format=%H").split()
 
 
 def test_bad_options_name_the_option(repo):

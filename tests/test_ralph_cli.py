@@ -103,3 +103,15 @@ def test_ralph_refuses_a_crashing_check_program_before_starting(repo, capsys):
     code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", f"{PYTHON}-nope check.py")
     assert code == 2 and "was not found" in err
     assert not (repo / ".lifecycle-agent" / "ralph.db").exists()
+
+
+def test_ralph_checks_the_repository_and_the_check_before_loading_the_model(repo, capsys, tmp_path, monkeypatch):
+    loaded = tmp_path / "loaded.txt"
+    (tmp_path / "ralph_loading_marker.py").write_text(
+        f"import pathlib\npathlib.Path({str(loaded)!r}).write_text('loaded')\nmodel = lambda messages: 'done'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--model", "py:ralph_loading_marker:model",
+                       "--check", "no-such-checker -q")
+    assert code == 2 and "program 'no-such-checker' was not found" in err
+    assert not loaded.exists()

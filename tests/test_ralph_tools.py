@@ -210,10 +210,21 @@ def test_a_reply_without_a_tool_call_gives_none():
 
 
 # ---------------------------------------------------------------- shell helpers
-def test_trim_keeps_the_start_and_more_of_the_end():
+def test_trim_keeps_the_start_and_more_of_the_end_within_the_limit():
     text = "A" * 1000 + "Z" * 1000
     out = trim(text, 400)
-    assert out.startswith("A" * 100) and out.endswith("Z" * 300) and "1600 characters cut" in out
+    assert len(out) <= 400 and out.count("characters cut") == 1
+    head, tail = len(out) - len(out.lstrip("A")), len(out) - len(out.rstrip("Z"))
+    assert head >= 90 and tail >= 3 * head - 3 and f"{2000 - head - tail} characters cut" in out
+
+
+def test_run_command_and_read_file_results_are_trimmed_once_within_the_limit(tools, root):
+    long_command = f"{sys.executable} -c \"print('x' * 5000 + 'END')\"  # {'c' * 300}"
+    out = call(tools, "run_command", command=long_command)
+    assert len(out) <= 400 and out.count("characters cut") == 1 and out.rstrip().endswith("END")
+    (root / "big.txt").write_text("line\n" * 2000)
+    out = call(tools, "read_file", path="big.txt")
+    assert len(out) <= 400 and out.count("cut") == 1 and "read on with start/end" in out
 
 
 def test_fingerprint_ignores_durations_and_addresses():
@@ -224,10 +235,28 @@ def test_fingerprint_ignores_durations_and_addresses():
     assert fingerprint(result("1 failed in 0.31s")) != fingerprint(result("2 failed in 0.31s"))
 
 
+def test_fingerprint_ignores_temporary_directories():
+    def result(output):
+        return CommandResult("c", 1, output, "", False, 0.1, 10)
+
+    one = "FAILED /tmp/pytest-of-ci/pytest-12/test_parse0/out.txt; see /tmp/tmpk3j_x9qa/log"
+    two = "FAILED /tmp/pytest-of-ci/pytest-13/test_parse0/out.txt; see /tmp/tmp0a8zzq1b/log"
+    assert fingerprint(result(one)) == fingerprint(result(two))
+    assert fingerprint(result(one)) != fingerprint(result(one.replace("test_parse0", "test_other0")))
+
+
 def test_run_shell_kills_the_whole_process_group_at_the_timeout(tmp_path):
     marker = tmp_path / "late.txt"
     result = run_shell(f"(sleep 1; touch {marker}) & sleep 20", tmp_path, timeout=0.3)
     assert result.timed_out and result.exit_code is None
+    time.sleep(1.5)
+    assert not marker.exists()
+
+
+def test_run_shell_stops_background_processes_the_command_leaves(tmp_path):
+    marker = tmp_path / "late.txt"
+    result = run_shell(f"(sleep 1; touch {marker}) >/dev/null 2>&1 &", tmp_path, timeout=10)
+    assert result.passed and result.duration_s < 5
     time.sleep(1.5)
     assert not marker.exists()
 

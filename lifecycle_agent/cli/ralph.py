@@ -19,8 +19,11 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..ralph import DEFAULT_MARKER, IterationInfo, LoopEvent, LoopResult, LoopStatus, loop_status, run_loop
+from ..ralph import (
+    DEFAULT_MARKER, IterationInfo, LoopEvent, LoopResult, LoopStatus, check_setup, loop_status, run_loop,
+)
 from ..ralph.config import DEFAULT_AGENT_ID
+from ..ralph.status import plural
 from . import app
 from .common import API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, console, err_console, load_model, print_json
 
@@ -92,10 +95,18 @@ def _progress_handler(progress: Progress, bar) -> "callable":
                 )
             else:
                 progress.console.print(Text(event.message, style="red"))
-        elif event.kind in ("resume", "notes_edit"):
+        elif event.kind in ("setup", "resume", "notes_edit", "notes"):
             progress.console.print(Text(event.message, style="yellow"))
+        elif event.kind == "interrupted":
+            progress.console.print(Text(event.message, style="red"))
 
     return on_event
+
+
+def _notices_to_stderr(event: LoopEvent) -> None:
+    """With --json, stdout holds the result only: what a person must be told goes to stderr."""
+    if event.kind in ("setup", "notes", "notes_edit", "interrupted"):
+        err_console.print(Text(event.message, style="yellow"))
 
 
 @ralph_app.callback(invoke_without_command=True)
@@ -124,7 +135,10 @@ def ralph(
     output_chars: int = typer.Option(4000, "--output-chars", min=200, help="Longest output shown to the agent, characters."),
     context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Notes budget, characters (stored with the agent)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature of the model."),
-    allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Start although the repo has uncommitted changes (the first iteration commits them)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1, help="New tokens per model call (default: the model's own; 4096 at most under --max-tokens).",
+    ),
+    allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Start although the repo has uncommitted changes (committed before the first iteration)."),
     db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
     agent: str = typer.Option(DEFAULT_AGENT_ID, "--agent", "-a", help=AGENT_HELP),
     base_url: Optional[str] = BASE_URL_OPTION,
@@ -138,22 +152,25 @@ def ralph(
         raise typer.BadParameter("give the repository with --repo DIR", param_hint="--repo")
     if check is None:
         raise typer.BadParameter("give the check command, e.g. --check 'pytest -q'", param_hint="--check")
+    options = dict(
+        prompt=prompt, agent_cmd=agent_cmd, max_iterations=max_iterations, max_minutes=max_minutes,
+        max_tokens=max_tokens, notes_file=notes_file, max_no_progress=max_no_progress, max_same_failure=max_same_failure,
+        completion_marker=completion_marker or None, check_timeout=check_timeout, agent_timeout=agent_timeout,
+        command_timeout=command_timeout, max_turns=max_turns, output_chars=output_chars, context_budget=context_budget,
+        temperature=temperature, max_new_tokens=max_new_tokens, allow_dirty=allow_dirty, db=db, agent_id=agent,
+    )
+    with_model = model is not None or agent_cmd is None
+    check_setup(repo, check=check, with_model=with_model, **options)  # before loading a model: its errors come first
     chat_model = None
-    if model is not None or agent_cmd is None:
+    if with_model:
         spec = model or "smollm2"
         if not as_json:
             err_console.print(f"loading model {escape(spec)} ...")
         chat_model = load_model(spec, base_url, api_key)
-    options = dict(
-        prompt=prompt, model=chat_model, agent_cmd=agent_cmd, max_iterations=max_iterations, max_minutes=max_minutes,
-        max_tokens=max_tokens, notes_file=notes_file, max_no_progress=max_no_progress, max_same_failure=max_same_failure,
-        completion_marker=completion_marker or None, check_timeout=check_timeout, agent_timeout=agent_timeout,
-        command_timeout=command_timeout, max_turns=max_turns, output_chars=output_chars, context_budget=context_budget,
-        temperature=temperature, allow_dirty=allow_dirty, db=db, agent_id=agent,
-    )
+    options["model"] = chat_model
     try:
         if as_json:
-            result = run_loop(repo, check=check, **options)
+            result = run_loop(repo, check=check, on_event=_notices_to_stderr, **options)
             print_json(result.model_dump())
         else:
             result = _run_with_progress(repo, check, max_iterations, options)
@@ -178,8 +195,8 @@ def _run_with_progress(repo: Path, check: str, max_iterations: int, options: dic
     colour = "green" if result.passed else "red"
     tokens = f" · {result.tokens} model tokens in all" if result.tokens else ""
     console.print(
-        f"[{colour}]stopped ({result.stop_reason}):[/] {escape(result.message)} · {len(result.iterations)} iterations "
-        f"in all · {result.elapsed_s:.1f} s{tokens}",
+        f"[{colour}]stopped ({result.stop_reason}):[/] {escape(result.message)} · "
+        f"{plural(len(result.iterations), 'iteration')} in all · {result.elapsed_s:.1f} s{tokens}",
     )
     return result
 
@@ -201,7 +218,7 @@ def print_status(status: LoopStatus) -> None:
             console.print(f"[yellow]iteration {escape(str(state['iteration']))} was interrupted[/]: rerun the loop to "
                           "resume it")
     if status.iterations:
-        console.print(iterations_table(status.iterations, f"{len(status.iterations)} iterations"))
+        console.print(iterations_table(status.iterations, plural(len(status.iterations), "iteration")))
     else:
         console.print("no iteration has finished yet")
     if status.runs:
@@ -209,7 +226,8 @@ def print_status(status: LoopStatus) -> None:
         for column in ("run", "started", "finished", "stop reason"):
             runs.add_column(column)
         for run in status.runs:
-            runs.add_row(run.run_id, _when(run.started_at), _when(run.finished_at), Text(run.stop_reason))
+            reason = f"{run.stop_reason} (killed: no loop holds the lock)" if run.stale else run.stop_reason
+            runs.add_row(run.run_id, _when(run.started_at), _when(run.finished_at), Text(reason))
         console.print(runs)
     history = Table(title="notes history")
     for column in ("version", "created", "source", "chars", "note", "start of text"):

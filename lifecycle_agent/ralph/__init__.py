@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .config import DEFAULT_MARKER, RalphConfig, RalphError
 from .iteration import AgentCommandModel, IterationTask, iteration_id
-from .loop import LoopEvent, LoopResult, StopReason, run_loop
+from .loop import LoopEvent, LoopResult, StopReason, check_setup, run_loop
 from .prompts import RALPH_V1
 from .status import IterationInfo, LoopStatus, RunInfo, loop_status
 from .tools import RepoTools, ToolCall, ToolError, parse_tool_call
@@ -22,6 +22,7 @@ from .tools import RepoTools, ToolCall, ToolError, parse_tool_call
 __all__ = [
     "run_loop",
     "loop_status",
+    "check_setup",
     "RalphConfig",
     "RalphError",
     "LoopResult",

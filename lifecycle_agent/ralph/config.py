@@ -15,6 +15,8 @@ DEFAULT_AGENT_ID = "ralph"
 DEFAULT_MARKER = "<promise>COMPLETE</promise>"
 #: Default notes budget of a new ralph agent, characters (coding notes are longer than task notes).
 DEFAULT_NOTES_BUDGET = 4000
+#: ``finish_reason`` of a model call the loop did not make because its token limit left no room for it.
+TOKEN_LIMIT_FINISH = "token_limit"
 
 
 class RalphError(LifecycleAgentError):

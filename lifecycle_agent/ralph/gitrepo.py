@@ -2,7 +2,8 @@
 
 Commits work on machines without a git identity (CI): when ``user.name`` or
 ``user.email`` is not configured, a fixed loop identity is used for that commit.
-Every call runs with stdin closed and terminal prompts off, so git never waits for a person.
+Every call runs with stdin closed and terminal prompts off, so git never waits for a person,
+and SIGTERM or SIGHUP stops the loop only after it (:func:`~lifecycle_agent.ralph.signals.deferred`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import RalphError
+from .signals import deferred
 
 #: The id of git's empty tree: the "before" of a repository without commits.
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -63,17 +65,18 @@ class GitRepo:
     def git(self, *args: str, input: Optional[str] = None, env: Optional[dict] = None) -> str:
         """Run ``git args`` in the repository and return stdout; :class:`RalphError` with git's message on failure."""
         try:
-            proc = subprocess.run(
-                ["git", *args],
-                cwd=self.root,
-                input=input,
-                stdin=None if input is not None else subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                env=env or self._env(),
-                timeout=GIT_TIMEOUT_S,
-            )
+            with deferred():
+                proc = subprocess.run(
+                    ["git", *args],
+                    cwd=self.root,
+                    input=input,
+                    stdin=None if input is not None else subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    errors="replace",
+                    env=env or self._env(),
+                    timeout=GIT_TIMEOUT_S,
+                )
         except FileNotFoundError:
             raise RalphError("git is not installed (or not on PATH); the Ralph loop needs it") from None
         except subprocess.TimeoutExpired:
@@ -151,11 +154,25 @@ class GitRepo:
         )
         return self.head() or ""
 
-    def stash(self, message: str) -> bool:
-        """Stash uncommitted changes (untracked files included); ``False`` when there was nothing to stash."""
-        if not self.dirty_paths():
+    def stash(self, message: str, keep: tuple[str, ...] = ()) -> bool:
+        """Stash uncommitted changes (untracked files included) but those of the paths in ``keep``.
+
+        Returns ``False`` when there was nothing to stash.
+        """
+        dirty = [p for p in self.dirty_paths() if p not in keep]
+        if not dirty:
             return False
-        self.git("stash", "push", "--include-untracked", "-m", message, env=self._identity_env())
+        if self.head() is None:
+            shown = ", ".join(dirty[:8]) + (f" and {len(dirty) - 8} more" if len(dirty) > 8 else "")
+            raise RalphError(
+                f"{self.root} has no commit yet, so git cannot stash the files an interrupted iteration may have "
+                f"written ({shown}), and the loop cannot tell them from yours. Commit what you want to keep "
+                "(`git add -A && git commit`) or delete it, then rerun"
+            )
+        excluded = [f":(exclude,literal){p}" for p in keep]
+        self.git(
+            "stash", "push", "--include-untracked", "-m", message, "--", ":/", *excluded, env=self._identity_env()
+        )
         return True
 
     def iteration_commits(self, agent_id: str, limit: int = 5000) -> dict[int, str]:

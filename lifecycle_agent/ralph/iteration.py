@@ -10,6 +10,7 @@ runs the update-context episode, so an iteration is stored like any other task.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,16 @@ from ..models.base import ChatModel, Generation
 from ..models.scripted import is_update
 from ..tasks import InteractiveTask, StepResult
 from . import prompts
-from .config import RalphConfig
+from .config import TOKEN_LIMIT_FINISH, RalphConfig
 from .gitrepo import GitRepo
-from .shell import CommandResult, fingerprint, run_shell, trim
+from .shell import CommandResult, GroupRecord, fingerprint, run_shell, trim
 from .tools import DONE, RepoTools, parse_tool_call, tool_list
 
 #: Characters per token assumed when a model does not report token counts.
 CHARS_PER_TOKEN = 4
+#: Completion cap sent under a token limit when neither the call nor the model sets one: an
+#: endpoint refuses a cap above its model's output limit, so the rest of a large limit is never sent.
+DEFAULT_COMPLETION_CAP = 4096
 #: Seconds a check may run past the loop's wall-time limit, so that an iteration ending
 #: at the limit still gets a verdict from a quick check.
 CHECK_GRACE_S = 2.0
@@ -62,28 +66,90 @@ class CheckSummary:
     """The iteration it ran after; ``None`` when it ran before the first iteration of this invocation."""
 
 
-class TokenMeter:
-    """Counts the model tokens of a loop against its limit (``None``: no limit)."""
+def _chars(messages: list[dict]) -> int:
+    return sum(len(str(m.get("content") or "")) for m in messages)
 
-    def __init__(self, limit: Optional[int], spent: int = 0):
+
+class TokenMeter:
+    """Counts the model tokens of a loop against its limit (``None``: no limit) and fits each call in it.
+
+    A call is made only when its prompt and at least one new token fit in what is left,
+    and its ``max_new_tokens`` is capped to the rest (:class:`MeteredModel`). The prompt
+    is estimated from its characters, at the highest tokens-per-character ratio the
+    model reported in this loop (1 token per :data:`CHARS_PER_TOKEN` characters until it
+    reports one). The limit is then passed only by a prompt denser than every earlier
+    one, or by a model that generates more than its ``max_new_tokens``.
+
+    Args:
+        limit: tokens (prompt + completion) of the whole loop.
+        spent: tokens used by earlier runs.
+        smallest_prompt: tokens of the smallest prompt of earlier runs (no call fits in less).
+    """
+
+    def __init__(self, limit: Optional[int], spent: int = 0, smallest_prompt: int = 0):
         self.limit = limit
         self.spent = spent
+        self.smallest_prompt = smallest_prompt
+        self.tokens_per_char: Optional[float] = None
+        self.last_prompt_chars = 0
+        self.refused: Optional[str] = None
+        """The call not made for lack of tokens (``the notes update``, ``a call of the agent``), if any."""
+
+    @property
+    def left(self) -> Optional[int]:
+        return None if self.limit is None else self.limit - self.spent
+
+    def _room(self, prompt_chars: int) -> int:
+        ratio = self.tokens_per_char if self.tokens_per_char is not None else 1 / CHARS_PER_TOKEN
+        return self.left - math.ceil(prompt_chars * ratio)
+
+    def room(self, messages: list[dict]) -> Optional[int]:
+        """New tokens a call with these messages may generate within the limit (< 1: it does not fit)."""
+        if self.limit is None:
+            return None
+        self.last_prompt_chars = _chars(messages)
+        return self._room(self.last_prompt_chars)
+
+    def fits_after(self, extra_chars: int) -> bool:
+        """Whether the next call of a conversation, the last prompt plus ``extra_chars``, fits in the limit."""
+        return self.limit is None or self._room(self.last_prompt_chars + extra_chars) >= 1
 
     def add(self, reply: Generation, messages: list[dict]) -> None:
         """Count one call; estimates (and fills in) counts the model did not report."""
+        chars = _chars(messages)
         if reply.prompt_tokens is None:
-            reply.prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // CHARS_PER_TOKEN
+            reply.prompt_tokens = chars // CHARS_PER_TOKEN
+        elif chars:
+            ratio = reply.prompt_tokens / chars
+            self.tokens_per_char = ratio if self.tokens_per_char is None else max(self.tokens_per_char, ratio)
         if reply.completion_tokens is None:
             reply.completion_tokens = len(reply.text) // CHARS_PER_TOKEN
         self.spent += reply.prompt_tokens + reply.completion_tokens
+        if reply.prompt_tokens:
+            self.smallest_prompt = min(self.smallest_prompt or reply.prompt_tokens, reply.prompt_tokens)
 
     @property
     def exhausted(self) -> bool:
-        return self.limit is not None and self.spent >= self.limit
+        """No further call fits: a call was refused, or what is left is no more than the smallest prompt so far."""
+        return self.limit is not None and (self.refused is not None or self.left <= self.smallest_prompt)
+
+
+def _own_cap(model: ChatModel) -> int:
+    """New tokens a model generates at most when a call gives none (``LocalModel.max_new_tokens``, ``OpenAIModel.max_tokens``)."""
+    for name in ("max_new_tokens", "max_tokens"):
+        value = getattr(model, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT_COMPLETION_CAP
 
 
 class MeteredModel(ChatModel):
-    """A model whose calls are counted by a :class:`TokenMeter`."""
+    """A model whose calls are counted by a :class:`TokenMeter` and kept within its limit.
+
+    A call that does not fit is not made: its reply is empty, with no tokens and
+    ``finish_reason`` :data:`~lifecycle_agent.ralph.config.TOKEN_LIMIT_FINISH` (an empty
+    update reply leaves the notes as they are).
+    """
 
     def __init__(self, inner: ChatModel, meter: TokenMeter):
         self.inner = inner
@@ -91,13 +157,29 @@ class MeteredModel(ChatModel):
         self.model_id = inner.model_id
         self.default_temperature = inner.default_temperature
 
+    def _cap(self, messages: list[dict], max_new_tokens: Optional[int]) -> Optional[int]:
+        """The call's ``max_new_tokens`` within the limit; 0 when it does not fit."""
+        room = self.meter.room(messages)
+        if room is None:
+            return max_new_tokens
+        if room < 1:
+            self.meter.refused = "the notes update" if is_update(messages) else "a call of the agent"
+            return 0
+        return min(max_new_tokens or _own_cap(self.inner), room)
+
     def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
-        reply = self.inner.generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+        cap = self._cap(messages, max_new_tokens)
+        if cap == 0:
+            return Generation("", prompt_tokens=0, completion_tokens=0, finish_reason=TOKEN_LIMIT_FINISH)
+        reply = self.inner.generate(messages, temperature=temperature, max_new_tokens=cap)
         self.meter.add(reply, messages)
         return reply
 
     async def agenerate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
-        reply = await self.inner.agenerate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
+        cap = self._cap(messages, max_new_tokens)
+        if cap == 0:
+            return Generation("", prompt_tokens=0, completion_tokens=0, finish_reason=TOKEN_LIMIT_FINISH)
+        reply = await self.inner.agenerate(messages, temperature=temperature, max_new_tokens=cap)
         self.meter.add(reply, messages)
         return reply
 
@@ -118,19 +200,25 @@ class AgentCommandModel(ChatModel):
         repo: the repository root.
         timeout: returns the seconds this run may take (the loop's remaining wall time, capped).
         output_chars: longest reply kept, characters.
+        record: names the command's process group while it runs.
     """
 
-    def __init__(self, command: str, repo: Path, timeout: Callable[[], float], output_chars: int):
+    def __init__(
+        self, command: str, repo: Path, timeout: Callable[[], float], output_chars: int,
+        record: Optional[GroupRecord] = None,
+    ):
         self.command = command
         self.repo = repo
         self.timeout = timeout
         self.output_chars = output_chars
+        self.record = record
         self.model_id = f"agent-cmd:{command[:200]}"
         self.last: Optional[CommandResult] = None
 
     def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
         result = run_shell(
-            self.command, self.repo, timeout=self.timeout(), stdin_text=render_prompt(messages), separate_stderr=True
+            self.command, self.repo, timeout=self.timeout(), stdin_text=render_prompt(messages), separate_stderr=True,
+            record=self.record,
         )
         self.last = result
         text = trim(result.output.strip(), self.output_chars)
@@ -162,14 +250,17 @@ class RoutedModel(ChatModel):
         self.update.close()
 
 
-def instructions(config: RalphConfig, *, builtin: bool, agent_notes: bool) -> str:
+def instructions(config: RalphConfig, *, builtin: bool, agent_notes: bool, notes_budget: int) -> str:
     """The task-level instructions shown in the system prompt of every iteration."""
     marker = prompts.MARKER_LINE.format(marker=config.completion_marker) if config.completion_marker else ""
     if builtin:
         return prompts.TOOL_INSTRUCTIONS.format(
             tools=tool_list(), max_turns=config.max_turns, check=config.check, marker_line=marker
         )
-    notes = prompts.AGENT_NOTES_LINE.format(notes_file=config.notes_file) if agent_notes else prompts.MODEL_NOTES_LINE
+    notes = (
+        prompts.AGENT_NOTES_LINE.format(notes_file=config.notes_file, budget=notes_budget) if agent_notes
+        else prompts.MODEL_NOTES_LINE
+    )
     return prompts.COMMAND_INSTRUCTIONS.format(check=config.check, notes_line=notes, marker_line=marker)
 
 
@@ -195,6 +286,8 @@ class IterationTask(InteractiveTask):
         meter: TokenMeter,
         deadline: float,
         agent_notes: bool,
+        notes_budget: int,
+        record: Optional[GroupRecord] = None,
     ):
         self.id = iteration_id(iteration)
         self.iteration = iteration
@@ -207,8 +300,11 @@ class IterationTask(InteractiveTask):
         self.command = command
         self.meter = meter
         self.deadline = deadline
+        self.record = record
         self.max_turns = config.max_turns if tools is not None else 1
-        self.instructions = instructions(config, builtin=tools is not None, agent_notes=agent_notes)
+        self.instructions = instructions(
+            config, builtin=tools is not None, agent_notes=agent_notes, notes_budget=notes_budget
+        )
         self.metadata: dict[str, Any] = {}
         self.started_at = time.time()
         self.marker_seen = False
@@ -241,13 +337,14 @@ class IterationTask(InteractiveTask):
             self.marker_seen = True
 
     def step(self, action: str) -> StepResult:
-        self._saw(action)
         if self.tools is None:  # an agent command: one turn, its output is the reply
             last = self.command.last if self.command is not None else None
+            self._saw(last.output if last is not None else action)  # the reply is trimmed; its output is not
             note = prompts.NOTE_AGENT_FAILED.format(status=_command_status(last)) if last and not last.passed else ""
             if last is not None and last.timed_out and time.monotonic() >= self.deadline:
                 note = prompts.NOTE_TIME_LIMIT
             return self._finish(note)
+        self._saw(action)
         call = parse_tool_call(action)
         if call is not None and call.name == DONE:
             return self._finish("")
@@ -260,7 +357,7 @@ class IterationTask(InteractiveTask):
                 return self._finish(prompts.NOTE_TIME_LIMIT)
             observation = self.tools.call(call)
             self.tool_calls += 1
-        if self.meter.exhausted:
+        if self.meter.exhausted or not self.meter.fits_after(len(action) + len(observation)):
             return self._finish(prompts.NOTE_TOKEN_LIMIT)
         if time.monotonic() >= self.deadline:
             return self._finish(prompts.NOTE_TIME_LIMIT)
@@ -273,7 +370,7 @@ class IterationTask(InteractiveTask):
         """Run the check; reward 1.0 when it passes; feedback = check output + changed files."""
         changes = self.repo.changes(self.base)  # before the check, so files the check writes do not count
         limit = check_time_limit(self.config, self.deadline)
-        check = run_shell(self.config.check, self.repo.root, timeout=limit)
+        check = run_shell(self.config.check, self.repo.root, timeout=limit, record=self.record)
         if check.timed_out and limit < self.config.check_timeout:
             note += prompts.NOTE_CHECK_TIME_LIMIT.format(limit=limit, check_timeout=self.config.check_timeout)
         output = trim(check.output.strip(), self.config.output_chars)

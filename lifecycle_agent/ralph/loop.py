@@ -10,12 +10,16 @@ Crash safety: a state file records the iteration under way and the commit it sta
 from. A rerun finishes an iteration whose episodes were stored but not committed, and
 starts over an iteration whose solve was never stored, after stashing the partial work
 it left (``git stash list`` shows it), so the repository and the notes always match the
-last finished iteration.
+last finished iteration. SIGTERM and SIGHUP stop the loop like Ctrl-C, after stopping the
+command it runs; what a command started is recorded, so that a loop started after a
+SIGKILL stops what the killed one left running before anything else (see
+:mod:`lifecycle_agent.ralph.shell`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -37,20 +41,21 @@ from .iteration import (
     iteration_id,
 )
 from .prompts import RALPH_V1
-from .shell import missing_program, run_shell, trim
+from .shell import GroupRecord, missing_program, run_shell, stop_recorded_groups, trim
+from .signals import Terminated, stop_on_signals
 from .status import (
-    AGENT_NOTES_SOURCE, EDIT_SOURCE, IterationInfo, default_db, notes_label, read_iterations, read_state, state_path,
+    AGENT_NOTES_SOURCE, EDIT_SOURCE, IterationInfo, StopReason, default_db, lock_held, lock_path, notes_label, plural,
+    read_iterations, read_state, state_path,
 )
 from .tools import PROTECTED, RepoTools
 
-StopReason = Literal[
-    "check_passed", "completion_marker", "max_iterations", "max_minutes", "max_tokens", "no_progress",
-    "same_failure", "error",
-]
+#: Seconds a starting loop waits for the lock (``ralph status`` probes it for an instant).
+LOCK_WAIT_S = 2.0
 
 
 class NotesFileError(RalphError):
-    """The notes file leads outside the repository (or into ``.git/``) through a symlink."""
+    """The notes file cannot be taken in: it leads outside the repository (or into ``.git/``) through a
+    symlink, or it is over the notes budget and cannot be cut to it. The loop stops with reason ``error``."""
 
 
 class LoopResult(BaseModel):
@@ -76,7 +81,7 @@ class LoopResult(BaseModel):
 class LoopEvent:
     """Progress of a running loop, for ``on_event`` callbacks (the CLI prints these)."""
 
-    kind: Literal["resume", "check", "iteration_start", "iteration_end", "notes_edit", "stop"]
+    kind: Literal["setup", "resume", "check", "iteration_start", "iteration_end", "notes_edit", "notes", "stop", "interrupted"]
     iteration: Optional[int]
     elapsed_s: float
     message: str
@@ -111,7 +116,33 @@ def run_loop(
     Rerunning the same call resumes the loop from its last finished iteration.
     """
     config = RalphConfig.build(repo=repo, check=check, prompt=prompt, agent_cmd=agent_cmd, **options)
-    return _Loop(config, model, on_event).run()
+    return _Loop(config, model, on_event, agent_notes=agent_cmd is not None and model is None).run()
+
+
+def check_setup(
+    repo: Path | str,
+    *,
+    check: str,
+    prompt: Path | str = "PROMPT.md",
+    agent_cmd: Optional[str] = None,
+    with_model: bool = False,
+    **options: Any,
+) -> None:
+    """Raise the :class:`RalphError` that :func:`run_loop` would raise before its first step, without a model.
+
+    Checks the options, the repository, the prompt file, the check and agent programs,
+    uncommitted changes and another loop running on the repository, so that a caller can
+    load a (slow) model only when the loop can start. ``with_model``: a model will be
+    given (with ``agent_cmd``, it writes the notes).
+    """
+    config = RalphConfig.build(repo=repo, check=check, prompt=prompt, agent_cmd=agent_cmd, **options)
+    loop = _Loop(config, None, None, agent_notes=agent_cmd is not None and not with_model)
+    loop._prepare()
+    path = lock_path(loop.repo.root, config.agent_id)
+    if lock_held(path):
+        raise RalphError(_locked(path, path.read_text(encoding="utf-8", errors="replace").strip()))
+    if read_state(loop.state_file) is None:
+        loop._refuse_dirty()
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -127,21 +158,31 @@ def _normalise_notes(text: str) -> str:
     return text.replace("\r\n", "\n").strip()
 
 
+def _shown(paths: list[str]) -> str:
+    return ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+
+
+def _locked(path: Path, holder: str) -> str:
+    return (
+        f"another Ralph loop is running on this repository (pid {holder or 'unknown'}, lock {path}); "
+        "wait for it to stop, or watch it with `lifecycle-agent ralph status`"
+    )
+
+
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """One loop per repository and agent at a time (an OS lock: released even when the process dies)."""
-    import fcntl
-
     with open(path, "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RalphError(
-                f"another Ralph loop is running on this repository (pid {holder}, lock {path}); "
-                "wait for it to stop, or watch it with `lifecycle-agent ralph status`"
-            ) from None
+        waited_until = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= waited_until:
+                    fh.seek(0)
+                    raise RalphError(_locked(path, fh.read().strip())) from None
+                time.sleep(0.05)
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
@@ -153,13 +194,15 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 class _Loop:
-    def __init__(self, config: RalphConfig, model: Any, on_event: Optional[Callable[[LoopEvent], None]]):
+    def __init__(
+        self, config: RalphConfig, model: Any, on_event: Optional[Callable[[LoopEvent], None]], *, agent_notes: bool
+    ):
         self.config = config
         self.model_arg = model
         self.on_event = on_event
         self.started = time.monotonic()
         self.deadline = self.started + config.max_minutes * 60.0
-        self.agent_notes = config.agent_cmd is not None and model is None
+        self.agent_notes = agent_notes
         self.owned_models: list[ChatModel] = []
 
     # ------------------------------------------------------------ set-up
@@ -184,6 +227,8 @@ class _Loop:
         self._notes_target()
         self.prompt_path = self._find_prompt()
         self._read_prompt()
+        #: The prompt file's path in the repository, if it is there: edits of it are the person's steering.
+        self.prompt_in_repo = self.prompt_path.relative_to(root).as_posix() if root in self.prompt_path.parents else None
         for option, command in (("--check", config.check), ("--agent-cmd", config.agent_cmd)):
             missing = missing_program(command, root) if command else None
             if missing:
@@ -195,6 +240,7 @@ class _Loop:
             )
         (root / STATE_DIR).mkdir(exist_ok=True)
         self.state_file = state_path(root, config.agent_id)
+        self.record = GroupRecord(root / STATE_DIR / f"ralph-{config.agent_id}.groups.json")
 
     def _find_prompt(self) -> Path:
         given = Path(self.config.prompt).expanduser()
@@ -211,13 +257,20 @@ class _Loop:
             raise RalphError(f"prompt file {self.prompt_path} is empty; write the task there")
         return text
 
-    def _make_agent(self, store: Store, spent: int) -> LifecycleAgent:
+    def _make_agent(self, store: Store) -> LifecycleAgent:
         config = self.config
-        self.meter = TokenMeter(config.max_tokens, spent)
+        spent, smallest = 0, 0
+        if store.has_agent(config.agent_id):
+            for row in store.episodes(config.agent_id, limit=None):
+                spent += (row.prompt_tokens or 0) + (row.completion_tokens or 0)
+                for turn in row.turns:
+                    if turn.get("prompt_tokens"):
+                        smallest = min(smallest or turn["prompt_tokens"], turn["prompt_tokens"])
+        self.meter = TokenMeter(config.max_tokens, spent, smallest)
         self.command: Optional[AgentCommandModel] = None
         if config.agent_cmd is not None:
             self.command = AgentCommandModel(
-                config.agent_cmd, self.repo.root, self._agent_timeout, config.output_chars
+                config.agent_cmd, self.repo.root, self._agent_timeout, config.output_chars, self.record
             )
         chat: Optional[ChatModel] = None
         if not self.agent_notes:
@@ -272,22 +325,40 @@ class _Loop:
             return None
         return _normalise_notes(_read_text(path, "notes file"))
 
-    def _take_in_notes(self, source: str, note: str) -> Optional[int]:
-        """Store the notes file as a new context version when it differs from the stored notes."""
+    def _take_in_notes(self, source: str, note: str, n: int, episode_id: Optional[int] = None) -> Optional[int]:
+        """Store the notes file as a new context version when it differs from the stored notes.
+
+        The notes budget applies as it does to every context: over it, the text is cut at the
+        last word boundary before it (recorded on the version's note, and said as a ``notes``
+        event), or, under the ``reject`` policy or with no place to cut, the loop stops.
+        """
         text = self._file_notes()
         head = self.agent.store.head(self.config.agent_id)
         if text is None or text == _normalise_notes(head.text):
             return None
-        budget = protocol.apply_budget(text, self.agent.settings.context_budget, "truncate")
+        limit, policy = self.agent.settings.context_budget, self.agent.settings.budget_policy
+        budget = protocol.apply_budget(text, limit, policy)
         if budget.text is None:
-            raise RalphError(
-                f"notes file {self.notes_path} is {budget.original_chars} characters with no place to cut it to the "
-                f"notes budget of {self.agent.settings.context_budget}; shorten it"
+            why = "the agent's budget policy is 'reject'" if policy == "reject" else (
+                f"has no space or line break in its first {limit} characters to cut at"
+            )
+            raise NotesFileError(
+                f"notes file {self.notes_path} is {budget.original_chars} characters, over the notes budget of {limit}, "
+                f"and {why}; shorten it (or raise --context-budget) and rerun to go on"
             )
         if budget.status != "ok":
-            note += f"; truncated from {budget.original_chars} characters"
-        version = self.agent.store.write_context(self.config.agent_id, budget.text, source=source, note=note)
-        return version.version
+            note += f"; {budget.status}: the notes file was {budget.original_chars} characters, budget {limit}"
+        version = self.agent.store.write_context(
+            self.config.agent_id, budget.text, source=source, note=note, episode_id=episode_id
+        ).version
+        if budget.status != "ok":
+            self._emit(
+                "notes", n,
+                f"notes file {self.config.notes_file} was {budget.original_chars} characters, over the notes budget of "
+                f"{limit}: notes version {version} keeps its first {len(budget.text)}, cut at a word boundary "
+                "(raise --context-budget to keep more)",
+            )
+        return version
 
     def _mirror_notes(self) -> None:
         """Write the stored notes to the notes file (people read and edit them there)."""
@@ -314,41 +385,66 @@ class _Loop:
 
     # ------------------------------------------------------------ the loop
     def run(self) -> LoopResult:
-        self._prepare()
-        with _lock(self.repo.root / STATE_DIR / f"ralph-{self.config.agent_id}.lock"):
-            state = read_state(self.state_file)
-            if state is None:
-                self._refuse_dirty()
-            with Store(self.db_path) as store:
-                spent = sum(
-                    (row.prompt_tokens or 0) + (row.completion_tokens or 0)
-                    for row in store.episodes(self.config.agent_id, limit=None)
-                ) if store.has_agent(self.config.agent_id) else 0
-                self.agent = self._make_agent(store, spent)
-                self.run_id = uuid.uuid4().hex[:12]
-                store.start_run(self.run_id, self.config.agent_id, source="ralph", options=self.config.model_dump(mode="json"))
-                try:
-                    result = self._run(state)
-                except RalphError:
-                    store.finish_run(self.run_id, "error", 0, 0)
-                    raise
-                except BaseException:
-                    store.finish_run(self.run_id, "interrupted", 0, 0)
-                    raise
-                finally:
-                    for model in self.owned_models:
-                        model.close()
-                store.finish_run(self.run_id, result.stop_reason, 0, 0)
-                return result
+        with stop_on_signals():
+            self._prepare()
+            with _lock(lock_path(self.repo.root, self.config.agent_id)):
+                for line in stop_recorded_groups(self.record.path):  # what a killed loop left running
+                    self._emit("setup", None, line)
+                state = read_state(self.state_file)
+                if state is None:
+                    self._refuse_dirty()
+                with Store(self.db_path) as store:
+                    return self._run_stored(store, state)
+
+    def _run_stored(self, store: Store, state: Optional[dict]) -> LoopResult:
+        self.agent = self._make_agent(store)
+        self.run_id = uuid.uuid4().hex[:12]
+        store.start_run(self.run_id, self.config.agent_id, source="ralph", options=self.config.model_dump(mode="json"))
+        try:
+            result = self._run(state)
+        except RalphError:
+            store.finish_run(self.run_id, "error", 0, 0)
+            raise
+        except BaseException as exc:
+            store.finish_run(self.run_id, "interrupted", 0, 0)
+            if isinstance(exc, (Terminated, KeyboardInterrupt)):
+                how = exc.name if isinstance(exc, Terminated) else "Ctrl-C"
+                self._emit("interrupted", None, f"stopped by {how}: the command under way was stopped with its "
+                           "process group; rerun the same command to resume")
+            raise
+        finally:
+            for model in self.owned_models:
+                model.close()
+        store.finish_run(self.run_id, result.stop_reason, 0, 0)
+        return result
 
     def _refuse_dirty(self) -> None:
-        dirty = [p for p in self.repo.dirty_paths() if p != self.config.notes_file]
+        steering = (self.config.notes_file, self.prompt_in_repo)
+        dirty = [p for p in self.repo.dirty_paths() if p not in steering]
         if dirty and not self.config.allow_dirty:
-            shown = ", ".join(dirty[:8]) + (f" and {len(dirty) - 8} more" if len(dirty) > 8 else "")
             raise RalphError(
-                f"{self.repo.root} has uncommitted changes ({shown}); commit or stash them, "
-                "or pass --allow-dirty to let the first iteration commit them"
+                f"{self.repo.root} has uncommitted changes ({_shown(dirty)}); commit or stash them, or pass "
+                "--allow-dirty to let the loop commit them before its first iteration (edits of the prompt and "
+                "notes files need neither)"
             )
+
+    def _commit_start(self) -> None:
+        """Commit what is uncommitted before this invocation's first iteration, so every iteration starts from a commit.
+
+        That is edits of the prompt and notes files, changes let in by ``--allow-dirty``, or in
+        a repository without commits an empty first commit: a rerun after a kill stashes an
+        interrupted iteration's partial work against it.
+        """
+        dirty = self.repo.dirty_paths()
+        if dirty:
+            subject, what = "ralph: commit changes made before the loop started", _shown(dirty)
+        elif self.repo.head() is None:
+            subject, what = "ralph: start of the loop", "nothing: the repository had no commit yet"
+        else:
+            return
+        body = f"Committed before the first iteration, so that every iteration starts from a commit: {what}."
+        commit = self.repo.commit(f"{subject}\n\n{body}\n")
+        self._emit("setup", None, f"committed before the first iteration ({what}) as {commit[:8]}")
 
     def _run(self, state: Optional[dict]) -> LoopResult:
         config = self.config
@@ -362,6 +458,8 @@ class _Loop:
                 stop = self._limits_before_start()
             if stop is None:
                 previous, stop = self._initial_check()
+            if stop is None:
+                self._commit_start()
             while stop is None:
                 if self._time_left() <= 0:
                     stop = "max_minutes", f"reached the wall-time limit of {config.max_minutes:g} minutes"
@@ -389,23 +487,27 @@ class _Loop:
     def _limits_before_start(self) -> Optional[tuple[str, str]]:
         done = self._finished_count()
         if done >= self.config.max_iterations:
-            return "max_iterations", f"the loop already ran {done} of at most {self.config.max_iterations} iterations"
+            return "max_iterations", f"the loop already ran {done} of at most {plural(self.config.max_iterations, 'iteration')}"
         if self.meter.exhausted:
-            return "max_tokens", f"the loop already used {self.meter.spent} of at most {self.meter.limit} tokens"
+            return self._token_stop("the loop already used")
         return None
 
     def _initial_check(self) -> tuple[Optional[CheckSummary], Optional[tuple[str, str]]]:
         """Run the check once before the first iteration: nothing to do when it passes already."""
-        result = run_shell(self.config.check, self.repo.root, timeout=check_time_limit(self.config, self.deadline))
+        result = run_shell(
+            self.config.check, self.repo.root, timeout=check_time_limit(self.config, self.deadline), record=self.record
+        )
         if result.exit_code == 127 and "not found" in result.output:
-            raise RalphError(f"--check {self.config.check!r}: the shell could not find the command: {trim(result.output.strip(), 300)}")
+            raise RalphError(
+                f"--check {self.config.check!r}: the shell could not find the command: {trim(result.output.strip(), 300)}"
+            )
         self._emit("check", None, f"check before the first iteration: {result.verdict()}")
         if result.passed:
             return None, ("check_passed", "the check passes already; nothing to do")
         return CheckSummary(trim(result.output.strip(), self.config.output_chars), result.verdict(), None), None
 
     def _take_in_person_edits(self, n: int) -> None:
-        version = self._take_in_notes(EDIT_SOURCE, f"notes file edited before iteration {n}")
+        version = self._take_in_notes(EDIT_SOURCE, f"notes file edited before iteration {n}", n)
         if version is not None:
             self._emit("notes_edit", n, f"took in the edited notes file as notes version {version}")
         self._mirror_notes()
@@ -415,11 +517,12 @@ class _Loop:
         if self.config.agent_cmd is None:
             tools = RepoTools(
                 self.repo.root, command_timeout=self.config.command_timeout,
-                output_chars=self.config.output_chars, time_left=self._time_left,
+                output_chars=self.config.output_chars, time_left=self._time_left, record=self.record,
             )
         return IterationTask(
             n, config=self.config, repo=self.repo, prompt_text=self._read_prompt(), previous=previous, base=base,
             tools=tools, command=self.command, meter=self.meter, deadline=self.deadline, agent_notes=self.agent_notes,
+            notes_budget=self.agent.settings.context_budget, record=self.record,
         )
 
     def _iteration(self, n: int, previous: Optional[CheckSummary]) -> Optional[IterationInfo]:
@@ -451,9 +554,14 @@ class _Loop:
         return info
 
     def _commit(self, n: int) -> IterationInfo:
-        """Store agent-written notes, mirror the notes, commit: the end of every finished iteration."""
+        """Store agent-written notes (or an edit made meanwhile), mirror the notes, commit: the end of every finished iteration."""
+        solve = self.agent.store.episodes(
+            self.config.agent_id, kind="solve", task_id=iteration_id(n), newest_first=True, limit=1
+        )[0]
         if self.agent_notes:
-            self._take_in_notes(AGENT_NOTES_SOURCE, notes_label(n))
+            self._take_in_notes(AGENT_NOTES_SOURCE, notes_label(n), n, episode_id=solve.episode_id)
+        else:
+            self._take_in_edit_during(n, solve.context_version or 0)
         self._mirror_notes()
         info = self._info(n)
         if info.status == "failed":
@@ -465,6 +573,24 @@ class _Loop:
         info.commit = self.repo.commit(commit_message(self.config.agent_id, n, summary, body))
         self._clear_state()
         return info
+
+    def _take_in_edit_during(self, n: int, started_with: int) -> None:
+        """In the update modes, a change to the notes file made while iteration ``n`` ran is never overwritten unread.
+
+        The file was the mirror of notes version ``started_with`` when the iteration began; if
+        it changed since (a person's edit, or the agent's own), the change is stored as an
+        ``edit`` version after the update's, so it is the notes the next iteration sees and
+        the update's version stays in the history.
+        """
+        text = self._file_notes()
+        if text is None or text == _normalise_notes(self.agent.store.get_version(self.config.agent_id, started_with).text):
+            return
+        update = self.agent.context_version if self.agent.context_version != started_with else None
+        version = self._take_in_notes(EDIT_SOURCE, f"notes file edited during iteration {n}", n)
+        if version is not None:
+            kept = f"; the update's notes version {update} stays in the history" if update is not None else ""
+            self._emit("notes_edit", n, f"the notes file was edited while iteration {n} ran: took the edit in as "
+                       f"notes version {version}{kept}")
 
     def _info(self, n: int) -> IterationInfo:
         return next(i for i in read_iterations(self.agent.store, self.config.agent_id) if i.iteration == n)
@@ -480,7 +606,8 @@ class _Loop:
             return None
         stored = self.agent.store.task_state(self.config.agent_id, task_id)[0]
         if stored == "new":
-            stashed = self.repo.stash(f"ralph: partial work of interrupted iteration {n}")
+            keep = (self.prompt_in_repo,) if self.prompt_in_repo else ()
+            stashed = self.repo.stash(f"ralph: partial work of interrupted iteration {n}", keep)
             self._mirror_notes()
             self._clear_state()
             what = "stashed its partial work (git stash list)" if stashed else "it had changed nothing"
@@ -503,18 +630,27 @@ class _Loop:
         if last.completion_marker:
             return "completion_marker", f"the agent wrote the completion marker at iteration {n}, but the check fails"
         if n >= config.max_iterations:
-            return "max_iterations", f"reached the limit of {config.max_iterations} iterations"
+            return "max_iterations", f"reached the limit of {plural(config.max_iterations, 'iteration')}"
         if self.meter.exhausted:
-            return "max_tokens", f"used {self.meter.spent} tokens, limit {self.meter.limit}"
+            return self._token_stop("used")
         if self._time_left() <= 0:
             return "max_minutes", f"reached the wall-time limit of {config.max_minutes:g} minutes"
         same = _streak(infos, lambda i: i.check_fingerprint == last.check_fingerprint and not i.check_passed)
         if same >= config.max_same_failure:
-            return "same_failure", f"the check failed with the same output {same} times in a row"
+            return "same_failure", f"the check failed with the same output {plural(same, 'time')} in a row"
         idle = _streak(infos, lambda i: not i.progress_files)
         if idle >= config.max_no_progress:
-            return "no_progress", f"{idle} iterations in a row changed no file"
+            return "no_progress", f"{plural(idle, 'iteration')} in a row changed no file"
         return None
+
+    def _token_stop(self, did: str) -> tuple[str, str]:
+        meter = self.meter
+        message = f"{did} {meter.spent} of at most {meter.limit} tokens"
+        if meter.refused is not None:
+            message += f"; {meter.refused} was not run, for lack of tokens"
+        elif meter.left > 0:
+            message += f"; the {meter.left} left cannot hold a model call (the smallest prompt so far: {meter.smallest_prompt})"
+        return "max_tokens", message
 
     def _result(self, reason: str, message: str) -> LoopResult:
         infos = read_iterations(self.agent.store, self.config.agent_id, self.repo.iteration_commits(self.config.agent_id))

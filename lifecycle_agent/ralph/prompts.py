@@ -61,11 +61,12 @@ COMMAND_INSTRUCTIONS = (
     "`{check}` runs; the loop ends when it passes.{notes_line}{marker_line}"
 )
 
-#: When the agent command keeps its own notes. Field: notes_file.
+#: When the agent command keeps its own notes. Fields: notes_file, budget.
 AGENT_NOTES_LINE = (
     "\nYour notes file is {notes_file}: it is your only memory between iterations, since every "
     "iteration starts with a fresh context. Before you exit, update it with what you learned: "
-    "what you tried, what failed and why, exact commands and values, and what to do next."
+    "what you tried, what failed and why, exact commands and values, and what to do next. "
+    "Keep it under {budget} characters: only that much is kept, and the rest is cut off at the end."
 )
 #: When a model writes the notes after each iteration.
 MODEL_NOTES_LINE = "\nAfter you exit, your notes are rewritten from your output and the check result."

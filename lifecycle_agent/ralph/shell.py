@@ -1,29 +1,45 @@
 """Shell commands of the loop: the check, an external agent command and the built-in ``run_command`` tool.
 
-Every command runs in its own process group with a timeout; on timeout (or when the
-loop itself is interrupted) the whole group is killed, so nothing outlives the loop.
+Every command runs with ``/bin/sh`` in a process group of its own, with a timeout. The
+whole group is stopped (SIGTERM, then SIGKILL) when the command ends, so background
+processes it started end with it; at its timeout; and when the loop is interrupted
+(Ctrl-C, SIGTERM, SIGHUP: see :mod:`lifecycle_agent.ralph.signals`). While a command
+runs, its group is recorded in a file (:class:`GroupRecord`). When the loop itself is
+killed with SIGKILL, the command's first process dies with it (on Linux, through
+``PR_SET_PDEATHSIG``), and the next loop started on the repository stops whatever is
+left of the group before it does anything else (:func:`stop_recorded_groups`). A
+process that leaves the group (``setsid``, a daemon) is out of the loop's reach.
+
 Output is captured, decoded leniently and trimmed before a model sees it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-#: Seconds a timed-out process group gets between SIGTERM and SIGKILL.
+#: Seconds a process group gets between SIGTERM and SIGKILL (and after SIGKILL to be gone).
 KILL_GRACE_S = 2.0
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _DURATION = re.compile(r"\b\d+(?:\.\d+)?\s*(?:s|ms|sec|secs|seconds)\b")
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+#: Temporary directories that change from run to run: pytest's basetemp (``/tmp/pytest-of-USER/pytest-12``)
+#: and :mod:`tempfile`'s random names (``/tmp/tmpk3j_x9qa``).
+_TEMP_PATH = re.compile(r"(/pytest-of-[^/\s]+/pytest-)\d+|\btmp[a-z0-9_]{8}\b")
+_PROC = Path("/proc")
+_HAS_PROC = (_PROC / "self" / "stat").exists()
 
 
 @dataclass(frozen=True)
@@ -59,21 +75,23 @@ def clean(data: bytes) -> str:
 
 
 def trim(text: str, limit: int) -> str:
-    """``text`` cut to about ``limit`` characters, keeping its start (1/4) and its end (3/4).
+    """``text`` in at most ``limit`` characters, the cut marker included: its start (1/4) and its end (3/4).
 
     The end of a test run (the failures and the summary) matters most, so it keeps more.
     """
     if len(text) <= limit:
         return text
-    head = limit // 4
-    tail = limit - head
-    cut = len(text) - head - tail
-    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[-tail:]}"
+    marker = "\n[... {} characters cut ...]\n"
+    room = max(limit - len(marker.format(len(text))), 0)
+    head = room // 4
+    tail = room - head
+    return text[:head] + marker.format(len(text) - head - tail) + (text[-tail:] if tail else "")
 
 
 def fingerprint(result: CommandResult) -> str:
-    """A short hash of a command's outcome that ignores durations and memory addresses."""
-    text = _ADDRESS.sub("0x?", _DURATION.sub("?s", result.output + "\n" + result.stderr))
+    """A short hash of a command's outcome that ignores durations, memory addresses and temporary paths."""
+    text = _DURATION.sub("?s", result.output + "\n" + result.stderr)
+    text = _TEMP_PATH.sub(lambda m: (m.group(1) or "tmp") + "?", _ADDRESS.sub("0x?", text))
     status = "timeout" if result.timed_out else str(result.exit_code)
     return hashlib.sha1(f"{status}\n{text.strip()}".encode("utf-8")).hexdigest()[:16]
 
@@ -99,17 +117,151 @@ def missing_program(command: str, cwd: Path) -> Optional[str]:
     return None if probe.returncode == 0 else words[0]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+# ---------------------------------------------------------------- process groups
+def _proc_stat(pid: int) -> Optional[tuple[str, int, int]]:
+    """``(state, process group, start time in clock ticks)`` of a process, from /proc; ``None`` when it is gone."""
+    try:
+        data = (_PROC / str(pid) / "stat").read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    fields = data.rsplit(")", 1)[-1].split()  # the command name, in parentheses, may hold spaces
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies do not count where /proc tells them apart)."""
+    if _HAS_PROC:
+        for entry in os.scandir(_PROC):
+            if entry.name.isdigit():
+                stat = _proc_stat(int(entry.name))
+                if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
+                    return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pgid: int, proc: Optional[subprocess.Popen] = None) -> bool:
+    """SIGTERM to process group ``pgid``, SIGKILL :data:`KILL_GRACE_S` later if any of it still runs.
+
+    ``proc`` (the group's first process, a child of this one) is reaped as it ends. Returns
+    whether the group is gone.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        end = time.monotonic() + KILL_GRACE_S
+        while True:
+            if proc is not None:
+                proc.poll()
+            if not _group_alive(pgid):
+                return True
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.02)
+    return False
+
+
+class GroupRecord:
+    """A file naming the process groups of the commands a loop is running, for a later loop to stop.
+
+    Each entry holds the group id, its first process's start time (on Linux, so a later
+    group that reuses the id is never mistaken for it) and the command.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.groups: dict[int, dict] = {}
+
+    def add(self, pgid: int, command: str) -> None:
+        stat = _proc_stat(pgid) if _HAS_PROC else None
+        self.groups[pgid] = {"pgid": pgid, "start": stat[2] if stat else None, "command": command[:200]}
+        self._write()
+
+    def remove(self, pgid: int) -> None:
+        if self.groups.pop(pgid, None) is not None:
+            self._write()
+
+    def _write(self) -> None:
+        if not self.groups:
+            self.path.unlink(missing_ok=True)
             return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "groups": list(self.groups.values())}), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _recorded_group_running(pgid: int, start: Optional[int]) -> bool:
+    if _HAS_PROC and start is not None:
+        leader = _proc_stat(pgid)
+        if leader is not None and leader[2] != start:
+            return False  # the id belongs to a newer process: the recorded group is gone
+    return _group_alive(pgid)
+
+
+def stop_recorded_groups(path: Path) -> list[str]:
+    """Stop the process groups recorded in ``path`` that still run; what was done, in words (one line each).
+
+    Call it only while holding the loop's lock: the loop that wrote the file is then dead.
+    The file is removed.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        data = {}
+    groups = data.get("groups") if isinstance(data, dict) else None
+    done = []
+    for group in groups if isinstance(groups, list) else []:
+        pgid = group.get("pgid") if isinstance(group, dict) else None
+        if not isinstance(pgid, int) or pgid <= 1 or not _recorded_group_running(pgid, group.get("start")):
             continue
+        what = f"process group {pgid} (`{group.get('command')}`), left running by a killed loop (pid {data.get('pid')})"
+        if stop_group(pgid):
+            done.append(f"stopped {what}")
+        else:
+            done.append(f"could not stop {what}: stop it yourself with `kill -KILL -- -{pgid}`")
+    path.unlink(missing_ok=True)
+    return done
+
+
+def _linux_prctl() -> Optional[Callable[..., int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _linux_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that makes the command's first process get SIGKILL when the loop dies (Linux)."""
+    if _PRCTL is None:
+        return None
+
+    def setup() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the loop died before the line above took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return setup
 
 
 def run_shell(
@@ -119,10 +271,13 @@ def run_shell(
     timeout: float,
     stdin_text: Optional[str] = None,
     separate_stderr: bool = False,
+    record: Optional[GroupRecord] = None,
 ) -> CommandResult:
-    """Run ``command`` with ``/bin/sh`` in ``cwd``, at most ``timeout`` seconds.
+    """Run ``command`` with ``/bin/sh`` in ``cwd``, at most ``timeout`` seconds, in a process group of its own.
 
     stdin is ``stdin_text`` (or empty, so a command waiting for input never hangs the loop).
+    The group is stopped when the command ends, at the timeout and on any exception
+    (Ctrl-C, SIGTERM); ``record`` names it while it may run.
     """
     timeout = max(float(timeout), 0.01)
     started = time.monotonic()
@@ -134,21 +289,30 @@ def run_shell(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_die_with(os.getpid()),
     )
+    if record is not None:
+        record.add(proc.pid, command)
     data = stdin_text.encode("utf-8") if stdin_text is not None else None
     timed_out = False
     try:
-        out, err = proc.communicate(input=data, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
         try:
-            out, err = proc.communicate(timeout=KILL_GRACE_S)
-        except subprocess.TimeoutExpired:  # a grandchild left its own group and holds the pipe
-            out, err = b"", b""
+            out, err = proc.communicate(input=data, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            stop_group(proc.pid, proc)
+            try:
+                out, err = proc.communicate(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:  # a grandchild left its own group and holds the pipe
+                out, err = b"", b""
+        gone = not _group_alive(proc.pid) or stop_group(proc.pid, proc)  # background processes it left
     except BaseException:
-        _kill_group(proc)
+        gone = stop_group(proc.pid, proc)
+        if gone and record is not None:
+            record.remove(proc.pid)
         raise
+    if gone and record is not None:
+        record.remove(proc.pid)
     return CommandResult(
         command=command,
         exit_code=None if timed_out else proc.returncode,

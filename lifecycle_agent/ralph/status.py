@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
-import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from pydantic import BaseModel, Field
 
 from ..store import ContextVersion, EpisodeRow, Store
-from .config import DEFAULT_AGENT_ID, STATE_DIR, RalphError
+from .config import DEFAULT_AGENT_ID, STATE_DIR, TOKEN_LIMIT_FINISH, RalphError
 from .gitrepo import GitRepo
 from .iteration import iteration_number
 
 #: Context-version source of notes the agent wrote to the notes file itself.
 AGENT_NOTES_SOURCE = "agent-notes"
-#: Context-version source of notes a person edited in the notes file between iterations.
+#: Context-version source of edits of the notes file: a person's between iterations, or in the
+#: update modes any change made to it while an iteration ran.
 EDIT_SOURCE = "edit"
+
+StopReason = Literal[
+    "check_passed", "completion_marker", "max_iterations", "max_minutes", "max_tokens", "no_progress",
+    "same_failure", "error",
+]
+#: How a run of the loop ends: a stop reason, or ``interrupted`` (Ctrl-C, SIGTERM, SIGHUP).
+RUN_ENDS = (*get_args(StopReason), "interrupted")
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 iteration``, ``2 iterations``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 class IterationInfo(BaseModel):
@@ -44,7 +57,11 @@ class IterationInfo(BaseModel):
     tokens: Optional[int] = Field(default=None, description="Model tokens of the iteration (solve + update).")
     context_version: Optional[int] = Field(default=None, description="Notes version the iteration started with.")
     notes_version: Optional[int] = Field(default=None, description="Notes version the iteration wrote, if any.")
-    update_status: Optional[str] = None
+    update_status: Optional[str] = Field(
+        default=None,
+        description="The notes update: ok, format_miss, failed, conflict, error, or token_limit (not run: the "
+        "loop's token limit left no room for it); None when none ran (an agent command keeping its own notes).",
+    )
     note: Optional[str] = None
     duration_s: Optional[float] = None
     started_at: Optional[float] = Field(default=None, description="Unix time, seconds.")
@@ -58,6 +75,11 @@ class RunInfo(BaseModel):
     started_at: float
     finished_at: Optional[float] = None
     stop_reason: str = Field(description="running, interrupted, or why it stopped (check_passed, max_iterations, ...).")
+    stale: bool = Field(
+        default=False,
+        description="Stored as still running, but no loop holds the repository's lock: the loop was killed "
+        "(SIGKILL, a crash of the machine), so it is shown as interrupted.",
+    )
 
 
 class LoopStatus(BaseModel):
@@ -98,8 +120,8 @@ def read_iterations(store: Store, agent_id: str, commits: Optional[dict[int, str
         if row.completes_task:
             finished.add(n)
     versions = store.history(agent_id)
+    # an update's version names its update episode; notes an agent command wrote name its solve episode
     by_episode = {v.episode_id: v.version for v in versions if v.episode_id is not None}
-    by_note = {v.note: v.version for v in versions if v.source == AGENT_NOTES_SOURCE and v.note}
     infos = []
     for n in sorted(solves):
         solve, update = solves[n], updates.get(n)
@@ -108,12 +130,15 @@ def read_iterations(store: Store, agent_id: str, commits: Optional[dict[int, str
         known = {k: v for k, v in meta.items() if k in IterationInfo.model_fields}
         status = "failed" if solve.status == "failed" or (update is not None and update.status == "error") else "ok"
         error = solve.error or (update.error if update is not None and update.status == "error" else None)
-        notes_version = by_episode.get(update.episode_id) if update is not None else by_note.get(notes_label(n))
+        notes_version = by_episode.get((update or solve).episode_id)
+        update_status = update.status if update is not None else None
+        if update is not None and update.turns and update.turns[0].get("finish_reason") == TOKEN_LIMIT_FINISH:
+            update_status = TOKEN_LIMIT_FINISH
         infos.append(
             IterationInfo(
                 iteration=n, finished=n in finished, status=status, error=error, turns=len(solve.turns), tokens=_tokens(solve, update),
                 context_version=solve.context_version, notes_version=notes_version,
-                update_status=update.status if update is not None else None,
+                update_status=update_status,
                 duration_s=(solve.duration_s or 0.0) + ((update.duration_s or 0.0) if update is not None else 0.0),
                 commit=(commits or {}).get(n), **known,
             )
@@ -144,16 +169,41 @@ def read_state(path: Path) -> Optional[dict[str, Any]]:
     return data
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+def lock_path(root: Path, agent_id: str) -> Path:
+    """The lock file a running loop holds (an OS lock, released when its process dies)."""
+    return root / STATE_DIR / f"ralph-{agent_id}.lock"
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds the loop's lock (probed with a shared lock, released at once)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fh = open(path, "rb")
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def _runs(store: Store, agent_id: str, running: bool) -> list[RunInfo]:
+    """The loop's runs; one stored as unfinished is running only while the lock is held (the newest one then)."""
+    runs = [
+        RunInfo(run_id=r["run_id"], started_at=r["started_at"], finished_at=r["finished_at"], stop_reason=r["status"])
+        for r in store.runs(agent_id)
+        if r.get("source") == "ralph"
+    ]
+    unfinished = [run for run in runs if run.stop_reason not in RUN_ENDS]
+    for run in unfinished:
+        # a run between two iterations reads `completed` (the agent's own run of the iteration ended)
+        if running and run is unfinished[-1]:
+            run.stop_reason, run.finished_at = "running", None
+        else:
+            run.stop_reason, run.stale = "interrupted", True
+    return runs
 
 
 def default_db(root: Path) -> Path:
@@ -176,17 +226,14 @@ def loop_status(repo: Path | str, *, db: Optional[Path | str] = None, agent_id: 
         iterations = read_iterations(store, agent_id, git.iteration_commits(agent_id))
         head = store.head(agent_id)
         history = store.history(agent_id)
-        runs = [
-            RunInfo(run_id=r["run_id"], started_at=r["started_at"], finished_at=r["finished_at"], stop_reason=r["status"])
-            for r in store.runs(agent_id)
-            if r.get("source") == "ralph"
-        ]
+        running = lock_held(lock_path(git.root, agent_id))
+        runs = _runs(store, agent_id, running)
     state = read_state(state_path(git.root, agent_id))
     in_progress = None
     if state is not None:
         in_progress = {
             "iteration": state["iteration"], "started_at": state.get("started_at"), "pid": state.get("pid"),
-            "running": _alive(state.get("pid")),
+            "running": running,
         }
     return LoopStatus(
         repo=str(git.root), agent_id=agent_id, db=str(db_path), iterations=iterations, in_progress=in_progress,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import STATE_DIR
-from .shell import run_shell, trim
+from .shell import GroupRecord, run_shell, trim
 
 #: Top-level names no tool may read or write.
 PROTECTED = (".git", STATE_DIR)
@@ -228,6 +228,9 @@ class RepoTools:
         command_timeout: longest ``run_command``, seconds.
         output_chars: longest tool result, characters.
         time_left: returns the seconds left before the loop's wall-time limit (caps ``run_command``).
+        record: names the process group of a running ``run_command`` (see :class:`~lifecycle_agent.ralph.shell.GroupRecord`).
+
+    Every result fits in ``output_chars`` characters.
     """
 
     def __init__(
@@ -237,11 +240,13 @@ class RepoTools:
         command_timeout: float = 60.0,
         output_chars: int = 4000,
         time_left: Optional[Callable[[], float]] = None,
+        record: Optional[GroupRecord] = None,
     ):
         self.root = Path(root).resolve()
         self.command_timeout = command_timeout
         self.output_chars = output_chars
         self.time_left = time_left or (lambda: float("inf"))
+        self.record = record
 
     # ------------------------------------------------------------ confinement
     def resolve(self, path: Any) -> Path:
@@ -320,8 +325,10 @@ class RepoTools:
         last = min(len(lines), end or len(lines))
         body = "\n".join(lines[first - 1 : last])
         header = f"{self._relative(real)} (lines {first}-{last} of {len(lines)})"
-        if len(body) > self.output_chars:
-            body = body[: self.output_chars] + "\n[... cut: read on with start/end ...]"
+        room = self.output_chars - len(header) - 1
+        if len(body) > room:
+            marker = "\n[... cut: read on with start/end ...]"
+            body = body[: max(room - len(marker), 0)] + marker
         return f"{header}\n{body}"
 
     def search(self, pattern: str, path: str = ".", regex: bool = False) -> str:
@@ -386,9 +393,11 @@ class RepoTools:
         if limit <= 0:
             raise ToolError("not run: the loop's wall-time limit is reached")
         started = time.monotonic()
-        result = run_shell(command, self.root, timeout=limit)
-        head = f"$ {command}\n{result.verdict()} in {time.monotonic() - started:.1f} s"
-        return f"{head}\n{trim(result.output, max(200, self.output_chars - len(head) - 1))}"
+        result = run_shell(command, self.root, timeout=limit, record=self.record)
+        most = self.output_chars // 4  # a long command is shown cut, so that most of the room is left for the output
+        shown = command if len(command) <= most else command[: most - 3] + "..."
+        head = f"$ {shown}\n{result.verdict()} in {time.monotonic() - started:.1f} s"
+        return f"{head}\n{trim(result.output, self.output_chars - len(head) - 1)}"
 
 
 def tool_list() -> str:
