@@ -96,6 +96,15 @@ class ModelCall:
 _Flow = Generator[ModelCall, Generation, Any]
 
 
+def _close_quietly(flow: _Flow) -> None:
+    """Close an interrupted flow; a failure while it records the interruption (a locked
+    database, say) is logged, so the interruption itself is what the caller sees."""
+    try:
+        flow.close()
+    except Exception as exc:  # noqa: BLE001 - the interruption being raised matters more
+        log.warning("could not record the interrupted run: %s", exc)
+
+
 def drive(flow: _Flow, model: ChatModel) -> Any:
     """Run a loop generator to completion with blocking model calls."""
     try:
@@ -108,7 +117,7 @@ def drive(flow: _Flow, model: ChatModel) -> Any:
             except BaseException:
                 # interrupted (Ctrl-C, a model's unexpected exception): the flow records its run
                 # as interrupted now, while its store is open, instead of whenever it is collected
-                flow.close()
+                _close_quietly(flow)
                 raise
             else:
                 call = flow.send(reply)
@@ -144,7 +153,7 @@ async def adrive(flow: _Flow, model: ChatModel, *, run_step: Optional[Callable[.
         except BaseException:
             # cancelled or interrupted: close the flow (on the thread that runs its steps) so it
             # records its run as interrupted while its store is open
-            await advance(lambda _: flow.close(), None)
+            await advance(lambda _: _close_quietly(flow), None)
             raise
         else:
             done, value = await advance(flow.send, reply)
@@ -289,12 +298,8 @@ class LifecycleAgent:
         """Write a context by hand (a person's edit). The budget applies; over-long text is refused."""
         if not isinstance(text, str):
             raise TypeError(f"context must be a string, got {type(text).__name__}")
-        budget = protocol.apply_budget(text, self.settings.context_budget, "reject")
-        if budget.text is None:
-            raise ValueError(
-                f"context is {budget.original_chars} characters, over the budget of {self.settings.context_budget}"
-            )
-        return self.store.write_context(self.agent_id, text, source="edit", note=note)
+        # the store checks the text as it will be stored (delimiters neutralised): never cut a person's edit
+        return self.store.write_context(self.agent_id, text, source="edit", note=note, budget_policy="reject")
 
     def fork(self, new_agent_id: str, version: Optional[int] = None) -> "LifecycleAgent":
         """A new agent starting from this agent's context at ``version`` (default: current), same model."""

@@ -129,7 +129,9 @@ def _fit_budget(
     if result.text is None:
         raise ContextFormatError(
             f"agent {agent_id!r}: {what} is {result.original_chars} characters, over the context budget of "
-            f"{config.context_budget}; nothing was written. Shorten it, or raise the agent's context_budget"
+            f"{config.context_budget}; nothing was written. "
+            + ("Shorten the text or raise the agent's context_budget" if policy else
+               "Raise the agent's context_budget, or set its budget_policy to 'truncate'")
         )
     truncated = f"truncated: was {result.original_chars} characters, budget {config.context_budget}"
     return result.text, f"{note}; {truncated}" if note else truncated
@@ -286,25 +288,27 @@ class Store:
                 yield self.conn
                 return
             started = time.monotonic()
+            # one try around BEGIN and the body: an interruption (Ctrl-C, a stop signal turned
+            # into an exception) that lands just after BEGIN still rolls the transaction back
             try:
-                for attempt in Retrying(
-                    retry=retry_if_exception(_is_locked),
-                    stop=stop_after_attempt(LOCK_ATTEMPTS),
-                    wait=wait_exponential(multiplier=0.05, max=1.0),
-                    reraise=True,
-                ):
-                    with attempt:
-                        self.conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _is_locked(exc):
-                    raise StoreLockedError(
-                        f"database {self.path} stayed locked by another writer for "
-                        f"{time.monotonic() - started:.1f} s ({LOCK_ATTEMPTS} attempts, busy timeout "
-                        f"{self.busy_timeout:g} s each); retry later, or raise the busy timeout "
-                        "(Store(busy_timeout=...), --busy-timeout)"
-                    ) from None
-                raise StoreError(f"cannot write to database {self.path}: {exc}") from None
-            try:
+                try:
+                    for attempt in Retrying(
+                        retry=retry_if_exception(_is_locked),
+                        stop=stop_after_attempt(LOCK_ATTEMPTS),
+                        wait=wait_exponential(multiplier=0.05, max=1.0),
+                        reraise=True,
+                    ):
+                        with attempt:
+                            self.conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if _is_locked(exc):
+                        raise StoreLockedError(
+                            f"database {self.path} stayed locked by another writer for "
+                            f"{time.monotonic() - started:.1f} s ({LOCK_ATTEMPTS} attempts, busy timeout "
+                            f"{self.busy_timeout:g} s each); retry later, or raise the busy timeout "
+                            "(Store(busy_timeout=...), --busy-timeout)"
+                        ) from None
+                    raise StoreError(f"cannot write to database {self.path}: {exc}") from None
                 yield self.conn
             except BaseException:
                 if self.conn.in_transaction:

@@ -294,11 +294,20 @@ def test_bad_context_mode_is_refused(db_path, scripted):
 def test_set_context_respects_budget_and_rollback_restores(make_agent):
     agent = make_agent(context_budget=10)
     agent.set_context("short")
-    with pytest.raises(ValueError, match="over the budget"):
+    with pytest.raises(ValueError, match="over the context budget of 10; nothing was written"):
         agent.set_context("far too long for this")
     agent.set_context("other")
     agent.rollback(1)
     assert agent.context == "short" and agent.context_version == 3
+
+
+def test_an_edit_over_the_budget_once_its_delimiters_are_neutralised_is_refused_not_cut(make_agent):
+    agent = make_agent(context_budget=20)  # the agent's own policy truncates; a person's edit never is
+    text = CONTEXT_BEGIN + " abcde"
+    assert len(text) <= 20
+    with pytest.raises(ValueError, match="over the context budget of 20"):
+        agent.set_context(text)
+    assert agent.context_version == 0
 
 
 def test_fork_gives_independent_agent(make_agent):

@@ -275,3 +275,53 @@ def test_missing_program_knows_builtins_paths_and_assignments(tmp_path):
     os.chmod(script, 0o755)
     assert missing_program("./run-tests.sh -q", tmp_path) is None
     assert missing_program("no-such-tool --x", tmp_path) == "no-such-tool"
+
+
+# ---------------------------------------------------------------- groups a killed loop left behind
+
+
+def _recorded(tmp_path, proc, start):
+    import json
+
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps({"pid": 999999, "groups": [{"pgid": proc.pid, "start": start, "command": "sleep 60"}]}))
+    return path
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="start times come from /proc")
+def test_a_recorded_group_whose_leader_is_the_same_process_is_stopped(tmp_path):
+    from lifecycle_agent.ralph.shell import _proc_stat, stop_recorded_groups
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        said = stop_recorded_groups(_recorded(tmp_path, proc, _proc_stat(proc.pid)[2]))
+        assert proc.wait(10) is not None and said and said[0].startswith("stopped process group")
+        assert not (tmp_path / "groups.json").exists()
+    finally:
+        proc.kill()
+
+
+def test_a_recorded_group_of_unknown_identity_is_named_never_signalled(tmp_path):
+    from lifecycle_agent.ralph.shell import stop_recorded_groups
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        said = stop_recorded_groups(_recorded(tmp_path, proc, None))
+        time.sleep(0.2)
+        assert proc.poll() is None  # still running: the id might belong to someone else's job
+        assert "may still run" in said[0] and f"kill -TERM -- -{proc.pid}" in said[0]
+    finally:
+        proc.kill()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="start times come from /proc")
+def test_a_recorded_group_id_now_used_by_a_newer_process_is_left_alone(tmp_path):
+    from lifecycle_agent.ralph.shell import _proc_stat, stop_recorded_groups
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        said = stop_recorded_groups(_recorded(tmp_path, proc, _proc_stat(proc.pid)[2] - 1))
+        time.sleep(0.2)
+        assert proc.poll() is None and said == []
+    finally:
+        proc.kill()

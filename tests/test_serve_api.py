@@ -289,7 +289,8 @@ async def test_put_context_over_budget_is_400_and_keeps_the_version(make_app):
         await new_agent(c, context_budget=10)
         r = await c.put("/v1/agents/bot/context", json={"text": "this is longer than ten"})
         read = (await c.get("/v1/agents/bot/context")).json()
-    assert r.status_code == 400 and "over the budget" in error_of(r)["message"]
+    assert r.status_code == 400 and "over the context budget of 10" in error_of(r)["message"]
+    assert "Shorten the text" in error_of(r)["message"]
     assert read["version"] == 0
 
 

@@ -141,13 +141,17 @@ class GitRepo:
                 env[f"GIT_COMMITTER_{var}"] = fallback
         return env
 
-    def commit(self, message: str) -> str:
-        """Commit every change (an empty commit when nothing changed) and return the new commit id.
+    def commit(self, message: str, paths: Optional[list[str]] = None) -> str:
+        """Commit every change, or only those of ``paths``, and return the new commit id (an
+        empty commit when nothing changed).
 
         Hooks and signing are skipped: the check is the loop's gate, and a signing prompt
         would stop an unattended loop.
         """
-        self.git("add", "-A")
+        if paths is None:
+            self.git("add", "-A")
+        elif paths:
+            self.git("add", "-A", "--", *paths)
         self.git(
             "-c", "commit.gpgsign=false", "commit", "--allow-empty", "--no-verify", "-q", "-F", "-",
             input=message, env=self._identity_env(),

@@ -19,7 +19,6 @@ SIGKILL stops what the killed one left running before anything else (see
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -172,6 +171,8 @@ def _locked(path: Path, holder: str) -> str:
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """One loop per repository and agent at a time (an OS lock: released even when the process dies)."""
+    import fcntl  # POSIX only: imported here so that the CLI loads on every platform
+
     with open(path, "a+", encoding="utf-8") as fh:
         waited_until = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -336,6 +337,7 @@ class _Loop:
         head = self.agent.store.head(self.config.agent_id)
         if text is None or text == _normalise_notes(head.text):
             return None
+        text = protocol.neutralize(text)  # as it will be stored: the budget applies to that text
         limit, policy = self.agent.settings.context_budget, self.agent.settings.budget_policy
         budget = protocol.apply_budget(text, limit, policy)
         if budget.text is None:
@@ -428,14 +430,15 @@ class _Loop:
                 "notes files need neither)"
             )
 
-    def _commit_start(self) -> None:
-        """Commit what is uncommitted before this invocation's first iteration, so every iteration starts from a commit.
+    def _commit_start(self, dirty: list[str]) -> None:
+        """Commit what was uncommitted when this invocation started (``dirty``, taken before the
+        first check ran, so nothing the check writes is among it), so every iteration starts
+        from a commit.
 
         That is edits of the prompt and notes files, changes let in by ``--allow-dirty``, or in
         a repository without commits an empty first commit: a rerun after a kill stashes an
         interrupted iteration's partial work against it.
         """
-        dirty = self.repo.dirty_paths()
         if dirty:
             subject, what = "ralph: commit changes made before the loop started", _shown(dirty)
         elif self.repo.head() is None:
@@ -443,7 +446,7 @@ class _Loop:
         else:
             return
         body = f"Committed before the first iteration, so that every iteration starts from a commit: {what}."
-        commit = self.repo.commit(f"{subject}\n\n{body}\n")
+        commit = self.repo.commit(f"{subject}\n\n{body}\n", paths=dirty)
         self._emit("setup", None, f"committed before the first iteration ({what}) as {commit[:8]}")
 
     def _run(self, state: Optional[dict]) -> LoopResult:
@@ -456,10 +459,11 @@ class _Loop:
             previous: Optional[CheckSummary] = None
             if stop is None:
                 stop = self._limits_before_start()
+            dirty_at_start = self.repo.dirty_paths()
             if stop is None:
                 previous, stop = self._initial_check()
             if stop is None:
-                self._commit_start()
+                self._commit_start(dirty_at_start)
             while stop is None:
                 if self._time_left() <= 0:
                     stop = "max_minutes", f"reached the wall-time limit of {config.max_minutes:g} minutes"

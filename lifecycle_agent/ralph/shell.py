@@ -224,9 +224,16 @@ def stop_recorded_groups(path: Path) -> list[str]:
     done = []
     for group in groups if isinstance(groups, list) else []:
         pgid = group.get("pgid") if isinstance(group, dict) else None
-        if not isinstance(pgid, int) or pgid <= 1 or not _recorded_group_running(pgid, group.get("start")):
+        if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgrp():
+            continue
+        if not _recorded_group_running(pgid, group.get("start")):
             continue
         what = f"process group {pgid} (`{group.get('command')}`), left running by a killed loop (pid {data.get('pid')})"
+        if group.get("start") is None:
+            # its first process's start time was not known (no /proc): the id may belong to an
+            # unrelated job by now, so it is named, never signalled
+            done.append(f"{what} may still run; if it is yours, stop it with `kill -TERM -- -{pgid}`")
+            continue
         if stop_group(pgid):
             done.append(f"stopped {what}")
         else:

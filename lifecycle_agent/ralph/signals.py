@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Iterator, Optional
 
-SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))  # no SIGHUP on Windows
 
 _deferring = 0
 _pending: Optional[int] = None

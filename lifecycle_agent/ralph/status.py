@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -122,6 +121,9 @@ def read_iterations(store: Store, agent_id: str, commits: Optional[dict[int, str
     versions = store.history(agent_id)
     # an update's version names its update episode; notes an agent command wrote name its solve episode
     by_episode = {v.episode_id: v.version for v in versions if v.episode_id is not None}
+    # notes versions written by earlier releases name no episode, only "iteration N" in their note
+    by_note = {v.note.split(";", 1)[0]: v.version for v in versions
+               if v.source == AGENT_NOTES_SOURCE and v.episode_id is None and v.note}
     infos = []
     for n in sorted(solves):
         solve, update = solves[n], updates.get(n)
@@ -131,6 +133,8 @@ def read_iterations(store: Store, agent_id: str, commits: Optional[dict[int, str
         status = "failed" if solve.status == "failed" or (update is not None and update.status == "error") else "ok"
         error = solve.error or (update.error if update is not None and update.status == "error" else None)
         notes_version = by_episode.get((update or solve).episode_id)
+        if notes_version is None and update is None:
+            notes_version = by_note.get(notes_label(n))
         update_status = update.status if update is not None else None
         if update is not None and update.turns and update.turns[0].get("finish_reason") == TOKEN_LIMIT_FINISH:
             update_status = TOKEN_LIMIT_FINISH
@@ -176,6 +180,8 @@ def lock_path(root: Path, agent_id: str) -> Path:
 
 def lock_held(path: Path) -> bool:
     """Whether a live process holds the loop's lock (probed with a shared lock, released at once)."""
+    import fcntl  # POSIX only: imported here so that the CLI loads on every platform
+
     try:
         fh = open(path, "rb")
     except FileNotFoundError:

@@ -632,7 +632,8 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         try:
             info = await db(fork)
         except ContextFormatError as exc:  # the forked context is over the budget (policy reject)
-            raise refused(exc, "version", {new_sid: body.agent_id, tenant.stored_id(agent_id): agent_id}) from None
+            raise refused(exc, "version" if body.version is not None else "agent_id",
+                          {new_sid: body.agent_id, tenant.stored_id(agent_id): agent_id}) from None
         except AgentExistsError:
             raise ApiError(409, f"you already have an agent {body.agent_id!r}; choose another id", "conflict_error",
                            param="agent_id", code="agent_exists") from None
