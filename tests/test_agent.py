@@ -497,60 +497,58 @@ def test_asolve_matches_solve(make_agent):
     assert record.status == "ok" and record.update_status is None and agent.context_version == 0
 
 
-def test_resumed_pack_with_shared_state_sees_what_an_uninterrupted_one_sees(db_path):
+def grid_mover(messages):
+    """Moves down on every grid-navigation turn; its notes say so."""
+    if is_update(messages):
+        return note("keep moving")
+    return "Move: down"
+
+
+def first_observations(agent):
+    return [e.messages[1]["content"] for e in agent.episodes(kind="solve")]
+
+
+def grid_pack():
     from lifecycle_agent import envs
+
+    return envs.make("grid-navigation").pack(seed=4, size=3)  # a fresh pack object, as after a restart
+
+
+def uninterrupted_observations(db_path):
     from lifecycle_agent.models import CallableModel
 
-    def mover(messages):
-        if is_update(messages):
-            return note("keep moving")
-        return "Move: down"
+    whole = LifecycleAgent(CallableModel(grid_mover), db_path, "whole")
+    whole.run(grid_pack().tasks)
+    return first_observations(whole)
 
-    def first_observations(agent):
-        return [e.messages[1]["content"] for e in agent.episodes(kind="solve")]
 
-    env = envs.make("grid-navigation")
-    whole = LifecycleAgent(CallableModel(mover), db_path, "whole")
-    whole.run(env.pack(seed=4, size=3).tasks)
+def test_resumed_pack_with_shared_state_sees_what_an_uninterrupted_one_sees(db_path):
+    from lifecycle_agent.models import CallableModel
 
-    resumed = LifecycleAgent(CallableModel(mover), db_path, "resumed")
-    resumed.run(env.pack(seed=4, size=3).tasks, limit=1)            # interrupted after task 0
-    resumed.run(env.pack(seed=4, size=3).tasks)                     # a fresh pack object, as after a restart
-    assert first_observations(resumed) == first_observations(whole)
+    resumed = LifecycleAgent(CallableModel(grid_mover), db_path, "resumed")
+    resumed.run(grid_pack().tasks, limit=1)  # interrupted after task 0
+    resumed.run(grid_pack().tasks)
+    assert first_observations(resumed) == uninterrupted_observations(db_path)
 
 
 def test_resume_between_a_solve_and_its_update_rebuilds_the_pack_state(db_path):
-    from lifecycle_agent import envs
     from lifecycle_agent.models import CallableModel
 
     class PowerCut(BaseException):  # like KeyboardInterrupt: not a model failure to record
         pass
 
-    updates = []
-
-    def mover(messages, cut_at=None):
+    def cut_at_the_first_update(messages):
         if is_update(messages):
-            updates.append(1)
-            if len(updates) == cut_at:
-                raise PowerCut  # the solve of task 0 is stored, its update is not
-            return note("keep moving")
-        return "Move: down"
+            raise PowerCut  # the solve of task 0 is stored, its update is not
+        return grid_mover(messages)
 
-    def first_observations(agent):
-        return [e.messages[1]["content"] for e in agent.episodes(kind="solve")]
-
-    env = envs.make("grid-navigation")
-    whole = LifecycleAgent(CallableModel(mover), db_path, "whole")
-    whole.run(env.pack(seed=4, size=3).tasks)
-
-    updates.clear()
-    resumed = LifecycleAgent(CallableModel(lambda m: mover(m, cut_at=1)), db_path, "resumed")
+    interrupted = LifecycleAgent(CallableModel(cut_at_the_first_update), db_path, "resumed")
     with pytest.raises(PowerCut):
-        resumed.run(env.pack(seed=4, size=3).tasks)
-    assert resumed.store.task_state("resumed", resumed.episodes(kind="solve")[0].task_id)[0] == "solved"
-    resumed = LifecycleAgent(CallableModel(mover), db_path, "resumed")
-    resumed.run(env.pack(seed=4, size=3).tasks)                     # a fresh pack object, as after a restart
-    assert first_observations(resumed) == first_observations(whole)
+        interrupted.run(grid_pack().tasks)
+    assert interrupted.store.task_state("resumed", interrupted.episodes(kind="solve")[0].task_id)[0] == "solved"
+    resumed = LifecycleAgent(CallableModel(grid_mover), db_path, "resumed")
+    resumed.run(grid_pack().tasks)
+    assert first_observations(resumed) == uninterrupted_observations(db_path)
 
 
 def test_tasks_without_replay_are_never_played_twice(make_agent):
