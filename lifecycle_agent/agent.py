@@ -39,6 +39,11 @@ class AgentSettings(BaseModel):
     budget_policy: Literal["truncate", "reject"] = Field(default="truncate", description="What happens to an over-long update.")
     parse_policy: Literal["strict", "lenient"] = Field(default="lenient", description="How update replies are parsed.")
     prompt_set: str = Field(default=DEFAULT_PROMPT_SET, description="Prompt-set id used to build every prompt.")
+    on_failed_update: Literal["keep", "reset"] = Field(
+        default="keep",
+        description="After an update with no usable notes: keep the previous context (deployment) or reset it to "
+        "the prompt set's fixed 'no notes' text (training's rule, so a bad update costs the later tasks).",
+    )
 
 
 class TaskRecord(BaseModel):
@@ -198,6 +203,9 @@ class LifecycleAgent:
         parse_policy: ``lenient`` (default; take the note from the reply when the
             delimiter lines are missing, flagged ``format_miss``) or ``strict``.
         prompt_set: prompt-set id (see :mod:`lifecycle_agent.prompts`).
+        on_failed_update: ``keep`` (default; an update with no usable notes leaves the previous
+            context, recorded as ``failed``) or ``reset`` (the context becomes the prompt set's fixed
+            "No notes available." text, as in training, so a bad update costs the later tasks).
         context_mode: ``live`` (update after every task), ``frozen`` (update after the
             first task only) or ``none`` (no context, no updates). Baselines for eval.
         temperature: sampling temperature of solve episodes (``None``: the model's default).
@@ -221,6 +229,7 @@ class LifecycleAgent:
         budget_policy: Optional[str] = None,
         parse_policy: Optional[str] = None,
         prompt_set: Optional[str] = None,
+        on_failed_update: Optional[str] = None,
         context_mode: ContextMode = "live",
         temperature: Optional[float] = None,
         update_temperature: Optional[float] = None,
@@ -229,6 +238,10 @@ class LifecycleAgent:
         create: bool = True,
     ):
         self.agent_id = check_agent_id(agent_id)
+        if isinstance(model, str):
+            from .models import check_spec
+
+            check_spec(model)  # a mistyped or empty spec fails here, before anything is stored
         if context_mode not in ("live", "frozen", "none"):
             raise ValueError(f"context_mode must be 'live', 'frozen' or 'none', got {context_mode!r}")
         self.context_mode: ContextMode = context_mode
@@ -240,7 +253,8 @@ class LifecycleAgent:
         overrides = {
             k: v
             for k, v in dict(
-                context_budget=context_budget, budget_policy=budget_policy, parse_policy=parse_policy, prompt_set=prompt_set
+                context_budget=context_budget, budget_policy=budget_policy, parse_policy=parse_policy, prompt_set=prompt_set,
+                on_failed_update=on_failed_update,
             ).items()
             if v is not None
         }
@@ -511,6 +525,10 @@ class LifecycleAgent:
             task_id=record.task_id or task_id, context_version=read_version, prompt_set=settings.prompt_set,
             model_id=self.model.model_id, reward=record.reward, feedback=record.feedback, metadata=metadata or {},
         )
+        ps = get_prompt_set(settings.prompt_set)
+        prefill = ps.update_prefill if ps.update_prefill and getattr(self.model, "supports_prefill", False) else None
+        if prefill:
+            messages = messages + [{"role": "assistant", "content": prefill}]
         try:
             reply = yield ModelCall(messages, self._update_temperature(), self.max_new_tokens)
         except ModelCallError as exc:
@@ -520,15 +538,23 @@ class LifecycleAgent:
                 duration_s=time.perf_counter() - started, completes_task=False,
             )
             return
-        messages = messages + [{"role": "assistant", "content": reply.text}]
+        # the stored transcript holds the whole reply: the prefill (prompt side) and what the model wrote
+        full_reply = (prefill or "") + reply.text
+        messages = (messages[:-1] if prefill else messages) + [{"role": "assistant", "content": full_reply}]
         turn = reply.turn_record()
-        parsed = protocol.parse_update(reply.text, settings.parse_policy)
+        parsed = protocol.parse_update(full_reply, settings.parse_policy, prefilled=prefill is not None)
         new_text, budget_status, note = None, None, None
         if parsed.text is not None:
             budget = protocol.apply_budget(parsed.text, settings.context_budget, settings.budget_policy)
             new_text, budget_status = budget.text, budget.status
             if budget.status != "ok":
                 note = f"{budget.status}: update was {budget.original_chars} characters, budget {settings.context_budget}"
+        elif settings.on_failed_update == "reset":
+            new_text = ps.reset_context
+            note = f"reset: the update held no usable notes; the context is now {ps.reset_context!r}"
+        fields["metadata"] = {**fields["metadata"], "on_failed_update": settings.on_failed_update}
+        if prefill:
+            fields["metadata"]["prefill"] = prefill
         fields.update(
             messages=messages, status=parsed.status, budget_status=budget_status, turns=[turn],
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,

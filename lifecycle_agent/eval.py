@@ -200,15 +200,23 @@ def t95(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[Optional[float], Optional[float], Optional[float]]:
-    """Mean and 95% confidence interval (Student's t) of ``values``; bounds ``None`` for fewer than 2 values."""
+def mean_ci95(
+    values: Sequence[float], bounds: Optional[tuple[float, float]] = None
+) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """Mean and 95% confidence interval (Student's t) of ``values``; bounds ``None`` for fewer than 2 values.
+
+    ``bounds`` (the environment's reward range) clips the interval: a mean reward cannot leave it.
+    """
     if not values:
         return None, None, None
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, None, None
     half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return mean, low, high
 
 
 def curve_metrics(by_position: Sequence[Optional[float]]) -> dict[str, Optional[float]]:
@@ -351,27 +359,14 @@ async def aevaluate(
 
     from .models import resolve_model
 
+    out_dir = Path(out) if out is not None else None
+    settings = _settings(checked, preset=preset, packs=packs, pack_size=pack_size, temperature=temperature,
+                         update_temperature=update_temperature, max_new_tokens=max_new_tokens,
+                         context_budget=context_budget, parse_policy=parse_policy, concurrency=concurrency)
+    _compare_stored(out_dir, settings)  # a mismatch is reported before the model loads
     owns_model = isinstance(model, str) or model is None
     chat_model = resolve_model(model)
-    settings = {
-        "environments": env_names,
-        "preset": preset,
-        "packs": packs,
-        "pack_size": pack_size,
-        "seeds": seed_list,
-        "modes": mode_names,
-        "model_id": chat_model.model_id,
-        "model_default_temperature": chat_model.default_temperature,
-        "prompt_set": prompt_set,
-        "temperature": temperature,
-        "update_temperature": update_temperature,
-        "max_new_tokens": max_new_tokens,
-        "context_budget": context_budget,
-        "parse_policy": parse_policy,
-        "env_options": {name: environments[name].options for name in env_names},
-        "concurrency": concurrency,
-    }
-    out_dir = Path(out) if out is not None else None
+    settings.update(model_id=chat_model.model_id, model_default_temperature=chat_model.default_temperature)
     try:
         store = _open_store(out_dir, settings)
     except BaseException:
@@ -440,10 +435,44 @@ def _job_error(job: _Job, message: str) -> dict[str, Any]:
     return {"env": job.env_key, "mode": job.mode, "seed": job.seed, "pack": job.index, "error": message}
 
 
-def _open_store(out_dir: Optional[Path], settings: dict[str, Any]) -> Store:
-    """The eval database; refuses a directory holding an eval with other settings."""
+def _settings(checked: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """The settings an eval directory records (the model's id and default temperature are added once it loads)."""
+    environments = checked["environments"]
+    return {
+        "environments": checked["env_names"], "preset": options["preset"], "packs": options["packs"],
+        "pack_size": options["pack_size"], "seeds": checked["seeds"], "modes": checked["modes"],
+        "prompt_set": checked["prompt_set"], "temperature": options["temperature"],
+        "update_temperature": options["update_temperature"], "max_new_tokens": options["max_new_tokens"],
+        "context_budget": options["context_budget"], "parse_policy": options["parse_policy"],
+        "env_options": {name: environments[name].options for name in checked["env_names"]},
+        "concurrency": options["concurrency"],
+    }
+
+
+def check_resume(
+    env: Any, out: Optional[str | os.PathLike], *, preset: str = "train", packs: int = 4, pack_size: int = 4,
+    seeds: Any = (1,), modes: Any = tuple(MODES), concurrency: int = 4, temperature: Optional[float] = None,
+    update_temperature: Optional[float] = None, max_new_tokens: Optional[int] = None,
+    context_budget: Optional[int] = None, parse_policy: Optional[str] = None, prompt_set: Optional[str] = None,
+    env_options: Optional[dict[str, dict[str, Any]]] = None,
+) -> None:
+    """Every check :func:`evaluate` makes before loading the model: the settings, and that ``out`` holds no eval
+    with other settings. The CLI calls it first, so a mistake is reported before a slow model load."""
+    checked = check_settings(
+        env, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
+        parse_policy=parse_policy, prompt_set=prompt_set, env_options=env_options,
+    )
+    _compare_stored(Path(out) if out is not None else None, _settings(
+        checked, preset=preset, packs=packs, pack_size=pack_size, temperature=temperature,
+        update_temperature=update_temperature, max_new_tokens=max_new_tokens, context_budget=context_budget,
+        parse_policy=parse_policy, concurrency=concurrency,
+    ))
+
+
+def _compare_stored(out_dir: Optional[Path], settings: dict[str, Any]) -> None:
+    """Refuse a directory holding an eval with other settings (only the keys in ``settings`` are compared)."""
     if out_dir is None:
-        return Store(":memory:")
+        return
     if out_dir.exists() and not out_dir.is_dir():
         raise EvalError(f"--out {out_dir} exists and is not a directory")
     settings_path, db_path = out_dir / SETTINGS_FILE, out_dir / DB_FILE
@@ -453,7 +482,7 @@ def _open_store(out_dir: Optional[Path], settings: dict[str, Any]) -> Store:
             previous = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise EvalError(f"{settings_path} cannot be read ({exc}); use a new --out directory") from None
-        previous = {k: v for k, v in previous.items() if k not in _RESUMABLE_CHANGES}
+        previous = {k: v for k, v in previous.items() if k not in _RESUMABLE_CHANGES and k in comparable}
         if previous != comparable:
             changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {comparable.get(k)!r}" for k in changed)
@@ -463,7 +492,15 @@ def _open_store(out_dir: Optional[Path], settings: dict[str, Any]) -> Store:
             )
     elif db_path.exists():
         raise EvalError(f"{db_path} exists but {settings_path.name} is missing; use a new --out directory")
-    else:
+
+
+def _open_store(out_dir: Optional[Path], settings: dict[str, Any]) -> Store:
+    """The eval database; refuses a directory holding an eval with other settings."""
+    if out_dir is None:
+        return Store(":memory:")
+    _compare_stored(out_dir, settings)
+    settings_path, db_path = out_dir / SETTINGS_FILE, out_dir / DB_FILE
+    if not settings_path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
     return Store(db_path)
@@ -495,6 +532,7 @@ def build_report(
     }
     for name, env in environments.items():
         entry = {
+            "name": env.name or name,
             "description": env.description,
             "preset": env.preset,
             "options": env.options,
@@ -538,8 +576,9 @@ def _mode_summary(store: Store, mode: str, jobs: list[_Job], pack_size: int) -> 
                     task_errors.append(row.error)
             columns[position].append(float(row.reward) if row.reward is not None else 0.0)
     by_position, ci95, counts = [], [], []
+    bounds = getattr(jobs[0].env, "reward_range", None) if jobs else None
     for values in columns:
-        mean, low, high = mean_ci95(values)
+        mean, low, high = mean_ci95(values, bounds)
         by_position.append(_round(mean))
         ci95.append([_round(low), _round(high)])
         counts.append(len(values))
@@ -579,36 +618,46 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _count(counts: Sequence[int]) -> str:
+    """Packs behind each position: one number when every position has the same."""
+    return str(counts[0]) if counts and len(set(counts)) == 1 else "/".join(map(str, counts)) or "0"
+
+
 def _signed(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:+.2f}"
 
 
 def position_cell(mode: dict[str, Any], position: int) -> str:
-    """``mean ± half-width`` of one position (``mean`` alone without an interval)."""
+    """``mean [low, high]`` of one position: the 95% interval, within the reward range (``mean`` alone without one)."""
     mean = mode["by_position"][position]
     low, high = mode["ci95"][position]
     if mean is None:
         return "-"
     if low is None:
         return f"{mean:.2f}"
-    return f"{mean:.2f}±{(high - low) / 2:.2f}"
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def table_rows(report: dict[str, Any], env: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one environment's table (shared by report.md and the terminal)."""
+def table_rows(report: dict[str, Any], env: str, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one environment's table (shared by report.md and the terminal).
+
+    ``compact`` (narrow terminals): position means without their intervals, and no token or time columns.
+    """
     entry = report["environments"][env]
     size = report["settings"]["pack_size"]
-    header = ["mode"] + [f"pos {j}" for j in range(size)] + ["gain", "AUC", "forget", "tok/task", "s/task"]
+    header = ["mode", "n"] + [f"pos {j}" for j in range(size)] + ["gain", "AUC", "forget"]
+    if not compact:
+        header += ["tok/task", "s/task"]
     rows = []
     for mode, data in entry["modes"].items():
-        tokens = None
-        if data["prompt_tokens_per_task"] is not None:
-            tokens = data["prompt_tokens_per_task"] + data["completion_tokens_per_task"]
-        rows.append(
-            [mode] + [position_cell(data, j) for j in range(size)]
-            + [_signed(data["gain"]), _fmt(data["auc"]), _fmt(data["forgetting"]),
-               "-" if tokens is None else f"{tokens:.0f}", _fmt(data["timing"]["seconds_per_task"], 3)]
-        )
+        cells = [_fmt(data["by_position"][j]) if compact else position_cell(data, j) for j in range(size)]
+        row = [mode, _count(data["n"])] + cells + [_signed(data["gain"]), _fmt(data["auc"]), _fmt(data["forgetting"])]
+        if not compact:
+            tokens = None
+            if data["prompt_tokens_per_task"] is not None:
+                tokens = data["prompt_tokens_per_task"] + data["completion_tokens_per_task"]
+            row += ["-" if tokens is None else f"{tokens:.0f}", _fmt(data["timing"]["seconds_per_task"], 3)]
+        rows.append(row)
     return header, rows
 
 
@@ -623,7 +672,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"temperature {s['temperature'] if s['temperature'] is not None else 'model default'}, "
         f"max_new_tokens {s['max_new_tokens'] if s['max_new_tokens'] is not None else 'model default'}.",
         "",
-        "Cells: mean reward ± half-width of the 95% confidence interval over packs and seeds. "
+        "Cells: mean reward [95% confidence interval over packs and seeds, clipped to the reward range]; "
+        "n = packs behind each position. "
         "gain = last position minus first; AUC = area under the curve / (S - 1); forget = largest drop "
         "between consecutive positions; tok/task = prompt + completion tokens per task (solve and update "
         "episodes); s/task = model and environment seconds per task.",
@@ -647,7 +697,7 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
     names = list(report["environments"])
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
-    figure = Figure(figsize=(4.2 * columns, 3.4 * rows))
+    figure = Figure(figsize=(6.4 * columns, 4.6 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
     size = report["settings"]["pack_size"]
     positions = list(range(size))
@@ -657,7 +707,11 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
             seen += [v for v in data["by_position"] if v is not None]
             means = [math.nan if v is None else v for v in data["by_position"]]
             style, marker = _STYLES.get(mode, ("-", "o"))
-            (line,) = ax.plot(positions, means, linestyle=style, marker=marker, markersize=5, label=mode)
+            # distinct line style and marker per mode, markers hollow and slightly offset, so that
+            # identical curves (all modes at 0, say) stay visible instead of hiding each other
+            shift = 0.04 * (list(_STYLES).index(mode) - 1.5) if mode in _STYLES else 0.0
+            (line,) = ax.plot([p + shift for p in positions], means, linestyle=style, marker=marker, markersize=8,
+                              markerfacecolor="none", markeredgewidth=1.6, linewidth=2, label=mode)
             # rewards are bounded (built-ins: 0..1), a t-interval is not: draw the band inside
             # the range the rewards can take, widened only if this mode's means leave it
             floor = min([0.0] + [v for v in data["by_position"] if v is not None])
@@ -665,19 +719,19 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
             low = [math.nan if lo is None else max(floor, lo) for lo, _ in data["ci95"]]
             high = [math.nan if hi is None else min(ceiling, hi) for _, hi in data["ci95"]]
             ax.fill_between(positions, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
-        ax.set_title(name)
+        ax.set_title(report["environments"][name].get("name") or name, fontsize=12)
         ax.set_xlabel("position in pack")
         ax.set_ylabel("mean reward")
         ax.set_xticks(positions)
         ax.set_ylim(min(seen) - 0.05, max(seen) + 0.05)  # at least [0, 1], where built-in rewards lie
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=10)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    figure.suptitle(f"{report['model']['id']} · preset {report['settings']['preset']}", fontsize=10)
+    figure.suptitle(f"{report['model']['id']} · preset {report['settings']['preset']}", fontsize=12)
     figure.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    figure.savefig(tmp, dpi=120)
     os.replace(tmp, path)
 
 

@@ -8,6 +8,7 @@ with a new id. Every episode stores the id of the set it was built with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 #: The line that opens the context block in an update-episode reply.
 CONTEXT_BEGIN = "<<<CONTEXT>>>"
@@ -32,6 +33,11 @@ class PromptSet:
     """How a missing reward is shown to the update episode."""
     no_feedback: str
     """How missing feedback is shown to the update episode."""
+    update_prefill: Optional[str] = None
+    """Text the reply of an update episode starts with, given to models that can continue a reply
+    (local models): the begin line, so a small model only has to write the notes. ``None``: no prefill."""
+    reset_context: str = "No notes available."
+    """The context after a failed update under ``on_failed_update="reset"`` (training's rule)."""
 
 
 COD_V1 = PromptSet(
@@ -68,8 +74,41 @@ COD_V1 = PromptSet(
     no_feedback="(no feedback for this task)",
 )
 
-PROMPT_SETS: dict[str, PromptSet] = {COD_V1.id: COD_V1}
-DEFAULT_PROMPT_SET = COD_V1.id
+COD_V2 = PromptSet(
+    id="cod-v2",
+    solve_system=(
+        "You are a persistent agent that solves a long series of related tasks in the same "
+        "environment.\n\n"
+        "## Hints\n"
+        "These are notes you wrote yourself after earlier tasks. They may be incomplete or "
+        "wrong: combine them with the fresh evidence in this task. When a hint answers the task, use it.\n"
+        "{hints}\n\n"
+        "Solve the task below. Keep your reply short. When the task asks for an answer, end "
+        "with a line of the form `Answer: <your answer>`."
+    ),
+    hints_empty="(no hints yet)",
+    update_system=(
+        "You maintain the notes (the context) of a persistent agent that solves a long series "
+        "of related tasks in the same environment. The notes are the agent's only memory: the "
+        "next task will be solved with them and nothing else from this task.\n\n"
+        "Write the complete new notes: keep what is still true, fix what was wrong, and add the "
+        "exact facts and values that the latest task and its feedback revealed, one short line "
+        "each. At most {budget} characters.\n\n"
+        "Write only the notes, between these two lines, each on a line of its own:\n"
+        "{begin}\n...the new notes...\n{end}\n\n"
+        "Example of notes:\n"
+        "{begin}\n- The code of the blue door is 417.\n- Action 2 moved me one row down.\n{end}"
+    ),
+    update_user=COD_V1.update_user,
+    no_reward=COD_V1.no_reward,
+    no_feedback=COD_V1.no_feedback,
+    update_prefill=CONTEXT_BEGIN + "\n",
+)
+
+PROMPT_SETS: dict[str, PromptSet] = {COD_V1.id: COD_V1, COD_V2.id: COD_V2}
+#: The prompt set of new agents: cod-v2 (measured better for small models: benchmarks/prompt_sets.py; the
+#: shipped smollm2-cod adapter is trained on it). Agents keep the set they were created with.
+DEFAULT_PROMPT_SET = COD_V2.id
 
 
 def register_prompt_set(prompt_set: PromptSet) -> None:

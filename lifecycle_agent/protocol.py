@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 from .prompts import CONTEXT_BEGIN, CONTEXT_END, PromptSet, get_prompt_set
 
@@ -132,6 +132,46 @@ def update_messages(
 
 
 @dataclass(frozen=True)
+class UpdateRequest:
+    """What an update episode shows its model, read back from the messages (see :func:`read_update_request`)."""
+
+    context: str
+    """The previous context ('' while it was empty)."""
+    transcript: str
+    reward: Optional[float]
+    feedback: Optional[str]
+
+
+def read_update_request(messages: Sequence[dict], prompt_set: PromptSet | str = "cod-v1") -> UpdateRequest:
+    """The previous context, transcript, reward and feedback of an update episode's messages.
+
+    The inverse of :func:`update_messages` for the prompt sets' shared user message, used by
+    reference note-writers (a teacher model sees nothing but the messages). Raises
+    ``ValueError`` when the messages are not an update episode's.
+    """
+    ps = get_prompt_set(prompt_set) if isinstance(prompt_set, str) else prompt_set
+    user = next((m for m in reversed(list(messages)) if m.get("role") == "user"), None)
+    text = flatten_content(user.get("content")) if user else ""
+    head, task, result = "## Previous notes\n", "\n\n## Latest task\n", "\n\n## Result\nReward: "
+    if not text.startswith(head) or task not in text or result not in text:
+        raise ValueError("not an update episode: its user message lacks the Previous notes / Latest task / Result sections")
+    context, rest = text[len(head):].split(task, 1)
+    transcript, outcome = rest.rsplit(result, 1)
+    reward_text, _, feedback = outcome.partition("\nFeedback: ")
+    feedback = feedback.removesuffix(ps.update_user.split("{feedback}", 1)[-1])
+    try:
+        reward: Optional[float] = float(reward_text)
+    except ValueError:
+        reward = None
+    return UpdateRequest(
+        context="" if context == ps.hints_empty else context,
+        transcript=transcript,
+        reward=reward,
+        feedback=None if feedback == ps.no_feedback else feedback,
+    )
+
+
+@dataclass(frozen=True)
 class ParsedUpdate:
     """The outcome of reading an update-episode reply."""
 
@@ -153,7 +193,7 @@ def _clean_note(text: str) -> str:
     return neutralize("\n".join(lines).strip())
 
 
-def parse_update(reply: str, policy: ParsePolicy = "lenient") -> ParsedUpdate:
+def parse_update(reply: str, policy: ParsePolicy = "lenient", *, prefilled: bool = False) -> ParsedUpdate:
     """Read the new context out of an update-episode reply.
 
     ``strict``: only a block between a ``CONTEXT_BEGIN`` line and a ``CONTEXT_END`` line
@@ -161,6 +201,10 @@ def parse_update(reply: str, policy: ParsePolicy = "lenient") -> ParsedUpdate:
     ``lenient``: when no complete block exists, fall back to the text after the last
     opening delimiter, before a lone closing delimiter, or the whole reply, flagged as
     ``format_miss``. An empty result is ``failed`` and never replaces a context.
+
+    ``prefilled``: the reply was started with the begin line (a prompt set's
+    ``update_prefill``; ``reply`` includes it). Then a block whose end line is missing is
+    complete at the end of the reply (the model stopped after its notes), under either policy.
     """
     if policy not in ("strict", "lenient"):
         raise ValueError(f"parse policy must be 'strict' or 'lenient', got {policy!r}")
@@ -172,6 +216,11 @@ def parse_update(reply: str, policy: ParsePolicy = "lenient") -> ParsedUpdate:
             note = _clean_note("\n".join(lines[start + 1 : ends[0]]))
             if note:
                 return ParsedUpdate(note, "ok")
+    if prefilled and begins == [0]:
+        # only the prefilled begin line and no end line: the notes run to the end of the reply
+        note = _clean_note("\n".join(lines[1:]))
+        if note:
+            return ParsedUpdate(note, "ok")
     if policy == "strict":
         return ParsedUpdate(None, "failed")
     text = (reply or "").replace("\r\n", "\n")

@@ -8,6 +8,7 @@ finished episode is committed before the next one begins.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import math
@@ -55,6 +56,11 @@ class ContextVersion(BaseModel):
     episode_id: Optional[int] = Field(default=None, description="The update episode that wrote it, if any.")
     source: str = Field(description="init, update, rollback, fork, import or edit.")
     note: Optional[str] = Field(default=None, description="Why it was written (e.g. rollback to v3, truncated).")
+
+    @property
+    def created(self) -> "datetime.datetime":
+        """``created_at`` as a timezone-aware UTC datetime."""
+        return datetime.datetime.fromtimestamp(self.created_at, tz=datetime.timezone.utc)
 
 
 class AgentInfo(BaseModel):

@@ -33,7 +33,7 @@ def test_run_alternates_solve_and_update_and_records_everything(make_agent):
     kinds = [(e.kind, e.task_id) for e in agent.episodes()]
     assert kinds == [("solve", "t1"), ("update", "t1"), ("solve", "t2"), ("update", "t2")]
     solve = agent.episodes(kind="solve")[0]
-    assert solve.prompt_set == "cod-v1" and solve.model_id.startswith("py:") and solve.messages[-1]["role"] == "assistant"
+    assert solve.prompt_set == "cod-v2" and solve.model_id.startswith("py:") and solve.messages[-1]["role"] == "assistant"
 
 
 def test_context_reaches_the_next_solve_prompt(make_agent):
@@ -569,3 +569,118 @@ def test_tasks_without_replay_are_never_played_twice(make_agent):
     agent.run([Once()])
     agent.run([Once()])
     assert plays == ["start"]
+
+
+# ---------------------------------------------------------------- a failed update: keep (deployment) or reset (training)
+def test_a_failed_update_keeps_the_previous_context_by_default(make_agent):
+    replies = iter([note("first notes"), "no block at all"])
+    agent = make_agent(model=lambda m: next(replies) if is_update(m) else "Answer: 1", parse_policy="strict")
+    result = agent.run([Task(prompt="q1", answer="1", id="t1"), Task(prompt="q2", answer="1", id="t2")])
+    assert [r.update_status for r in result.records] == ["ok", "failed"]
+    assert agent.context == "first notes" and result.records[1].new_context_version is None
+    assert agent.episodes(kind="update")[1].metadata["on_failed_update"] == "keep"
+
+
+def test_a_failed_update_under_reset_leaves_the_fixed_no_notes_text(make_agent):
+    replies = iter([note("first notes"), "no block at all"])
+    agent = make_agent(model=lambda m: next(replies) if is_update(m) else "Answer: 1",
+                       parse_policy="strict", on_failed_update="reset")
+    result = agent.run([Task(prompt="q1", answer="1", id="t1"), Task(prompt="q2", answer="1", id="t2")])
+    assert result.records[1].update_status == "failed"
+    assert agent.context == "No notes available." and result.records[1].new_context_version == 2
+    update = agent.episodes(kind="update")[1]
+    assert update.metadata["on_failed_update"] == "reset" and update.status == "failed"
+
+
+def test_the_reset_text_is_what_the_next_solve_sees(make_agent):
+    seen = []
+
+    def model(messages):
+        if is_update(messages):
+            return "rambling without delimiters"
+        seen.append(messages[0]["content"])
+        return "Answer: 1"
+
+    agent = make_agent(model=model, parse_policy="strict", on_failed_update="reset")
+    agent.run([Task(prompt="q1", answer="1", id="t1"), Task(prompt="q2", answer="1", id="t2")])
+    assert "No notes available." in seen[1]
+
+
+def test_on_failed_update_is_stored_with_the_agent_and_checked(make_agent):
+    agent = make_agent(model=two_step_model(), on_failed_update="reset")
+    assert agent.store.get_agent(agent.agent_id).settings["on_failed_update"] == "reset"
+    with pytest.raises(ValueError, match="on_failed_update"):
+        make_agent(model=two_step_model(), agent_id="other", on_failed_update="wipe")
+
+
+# ---------------------------------------------------------------- cod-v2 prefill for models that continue a reply
+class PrefillModel:
+    """A model that continues a final assistant message (records what it was given)."""
+
+    def __init__(self, continuation):
+        from lifecycle_agent.models.base import ChatModel, Generation
+
+        outer = self
+
+        class _M(ChatModel):
+            model_id = "prefill-test"
+            supports_prefill = True
+
+            def generate(self, messages, *, temperature=None, max_new_tokens=None):
+                outer.seen.append(messages)
+                return Generation(text=continuation if is_update(messages) else "Answer: 1")
+
+        self.seen: list = []
+        self.model = _M()
+
+
+def test_a_prefill_capable_model_gets_the_begin_line_and_its_continuation_is_parsed(make_agent):
+    fake = PrefillModel("- the code is 7")
+    agent = make_agent(model=fake.model, prompt_set="cod-v2", parse_policy="strict")
+    record = agent.run([Task(prompt="q1", answer="1", id="t1")]).records[0]
+    update_prompt = fake.seen[-1]
+    assert update_prompt[-1] == {"role": "assistant", "content": CONTEXT_BEGIN + "\n"}
+    assert record.update_status == "ok" and agent.context == "- the code is 7"
+    stored = agent.episodes(kind="update")[0]
+    assert stored.messages[-1]["content"] == CONTEXT_BEGIN + "\n- the code is 7"
+    assert stored.metadata["prefill"] == CONTEXT_BEGIN + "\n"
+
+
+def test_models_that_cannot_continue_a_reply_get_no_prefill(make_agent):
+    seen = []
+
+    def model(messages):
+        seen.append(messages)
+        return note("n") if is_update(messages) else "Answer: 1"
+
+    agent = make_agent(model=model, prompt_set="cod-v2")
+    agent.run([Task(prompt="q1", answer="1", id="t1")])
+    assert seen[-1][-1]["role"] == "user"
+    assert agent.context == "n"
+
+
+def test_an_empty_or_mistyped_model_spec_fails_at_construction_before_anything_is_stored(db_path):
+    from lifecycle_agent import LifecycleAgent
+    from lifecycle_agent.errors import ModelSpecError
+    from lifecycle_agent.store import Store
+
+    for spec in ("", "scriptd", "openai:"):
+        with pytest.raises(ModelSpecError, match="model spec"):
+            LifecycleAgent(model=spec, db=db_path, agent_id="typo")
+    with Store(db_path) as store:
+        assert not store.has_agent("typo")
+
+
+def test_history_gives_each_version_a_utc_datetime(make_agent):
+    import datetime
+
+    agent = make_agent(model=two_step_model())
+    agent.run([Task(prompt="q1", answer="1", id="t1")])
+    created = agent.history()[-1].created
+    assert created.tzinfo == datetime.timezone.utc and abs(created.timestamp() - agent.history()[-1].created_at) < 1e-6
+
+
+def test_a_pack_prints_what_it_is():
+    from lifecycle_agent import envs
+
+    assert repr(envs.make("fact-recall").pack(7, 4)) == "<Pack fact-recall/train/s7/cod4: 4 task(s) of fact-recall (cod packing)>"

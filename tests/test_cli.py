@@ -40,7 +40,27 @@ def tasks_file(tmp_path):
 def test_run_over_task_file_prints_table_and_context(cli, tasks_file, db_path):
     code, out, _ = cli("run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path, "--agent", "bot")
     assert code == 0
-    assert "run " in out and "mean reward 0.500" in out and "secret code" in out
+    assert "run " in out and "mean reward 0.500" in _flat(out) and "secret code" in out
+
+
+def test_run_prints_each_tasks_prompt_answer_reward_feedback_and_context_version(cli, tasks_file, db_path):
+    code, out, _ = cli("run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path)
+    assert code == 0
+    assert out.count("prompt:   What is the secret code of the apple?") == 2
+    assert "feedback: Correct" in out and "answer:   417" in out and "reward:   1.00" in out
+    assert "v1 written" in out and "v2 written" in out and "(solved with context v1)" in out
+    assert "1 with reward > 0" in out and "writing context" in out
+    assert out.count("final context") == 1 and "context v1\n" not in out  # whole context only at the end
+
+
+def test_run_show_context_prints_the_whole_context_after_every_task(cli, tasks_file, db_path):
+    code, out, _ = cli("run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path, "--show-context")
+    assert code == 0 and "context v1" in out and "context v2" in out
+
+
+def test_run_quiet_prints_only_the_table_and_final_context(cli, tasks_file, db_path):
+    code, out, _ = cli("run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path, "--quiet")
+    assert code == 0 and "prompt:" not in out and "final context" in out
 
 
 def test_run_json_output_is_machine_readable(cli, tasks_file, db_path):
@@ -230,7 +250,7 @@ def test_py_model_spec_with_missing_module_hints_at_the_import_path(cli, tasks_f
 def test_run_table_does_not_count_failed_tasks_as_solved(cli, tasks_file, db_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "helpers"))
     code, out, _ = cli("run", "--tasks", tasks_file, "--model", "py:broken_model:broken", "--db", db_path, "--quiet")
-    assert code == 1 and "0 solved, 0 already done, 2 failed" in _flat(out)
+    assert code == 1 and "0 completed (0 with reward > 0), 0 already done, 2 failed" in _flat(out)
 
 
 def test_run_accepts_numeric_answers_in_the_task_file(cli, db_path, tmp_path):
@@ -322,3 +342,109 @@ def test_short_busy_timeout_fails_fast_on_a_locked_database(cli, populated, task
         blocker.close()
     assert code == 2 and "stayed locked by another writer" in _flat(err) and "--busy-timeout" in err
     assert elapsed < 5
+
+
+def test_a_missing_extra_is_a_clear_error_naming_the_install_command(cli, db_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_fastapi(name, *args, **kwargs):
+        if name.split(".")[0] in ("fastapi", "uvicorn"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fastapi)
+    for module in [m for m in list(sys.modules) if m.startswith("lifecycle_agent.server")]:
+        monkeypatch.delitem(sys.modules, module)
+    code, _, err = cli("serve", "--db", db_path, "--model", "scripted")
+    assert code == 2
+    assert "needs fastapi" in err and "pip install 'lifecycle-agent[serve]'" in err and "Traceback" not in err
+
+
+def test_missing_extra_message_maps_modules_to_extras():
+    from lifecycle_agent.cli import missing_extra_message
+
+    def message(module, argv):
+        return missing_extra_message(ModuleNotFoundError(f"No module named {module!r}", name=module), argv)
+
+    assert "[train]" in message("trl", ["train", "--sft"])
+    assert "[train]" in message("torch", ["train", "--lora"])  # torch for training comes with [train]
+    assert "[local]" in message("torch", ["run", "--env", "fact-recall"])
+    assert message("no_such_thing", ["run"]) is None  # an unknown module is a real bug: its traceback stays
+
+
+def test_a_finished_run_resumed_does_not_load_the_model(cli, tasks_file, db_path, monkeypatch):
+    cli("run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path, "--quiet")
+    from lifecycle_agent.cli import common
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(common, "load_model", refuse)
+    monkeypatch.setattr("lifecycle_agent.cli.run.load_model", refuse)
+    code, out, _ = cli("run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path)
+    assert code == 0 and "all 2 task(s) already completed" in _flat(out) and "417" in out
+
+
+def test_a_mistyped_model_spec_leaves_no_database_behind(cli, tasks_file, tmp_path):
+    db = tmp_path / "new.db"
+    code, _, err = cli("run", "--tasks", tasks_file, "--model", "scriptd", "--db", db)
+    assert code == 2 and "model spec 'scriptd'" in err and not db.exists()
+
+
+def test_an_eval_settings_mismatch_is_reported_before_the_model_loads(cli, tmp_path, monkeypatch):
+    out = tmp_path / "ev"
+    cli("eval", "--env", "fact-recall", "--model", "scripted", "--packs", "1", "--pack-size", "2", "--out", out,
+        "--no-plot", "--modes", "none")
+    monkeypatch.setattr("lifecycle_agent.cli.eval.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    code, _, err = cli("eval", "--env", "fact-recall", "--model", "scripted", "--packs", "2", "--pack-size", "2",
+                       "--out", out, "--no-plot", "--modes", "none")
+    assert code == 2 and "other settings" in err and "packs: 1 -> 2" in err
+
+
+# ---------------------------------------------------------------- narrow terminals and pipes (80 columns)
+@pytest.fixture
+def cli80(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+
+    def invoke(*args):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return exc.value.code, out, err
+
+    return invoke
+
+
+def test_envs_list_at_80_columns_keeps_every_name_whole(cli80):
+    from lifecycle_agent import envs
+
+    code, out, _ = cli80("envs", "list")
+    assert code == 0 and max(map(len, out.splitlines())) <= 80
+    for name in envs.names():
+        assert name in out
+    assert "envs show NAME" in out
+
+
+@pytest.mark.parametrize("command", [["run"], ["eval"], ["train"], ["serve"], ["context", "rollback"]])
+def test_help_at_80_columns_never_cuts_an_option_name(cli80, command):
+    code, out, _ = cli80(*command, "--help")
+    assert code == 0 and "…" not in out
+    assert max(map(len, out.splitlines())) <= 80
+
+
+def test_run_table_at_80_columns_keeps_one_line_per_task(cli80, db_path):
+    code, out, _ = cli80("run", "--env", "fact-recall", "-n", "3", "--seed", "7", "--model", "scripted", "--db", db_path,
+                         "--quiet")
+    rows = [line for line in out.splitlines() if line.startswith("│ ") and "fact-recall" in line]
+    table = out.split("final context")[0]
+    assert code == 0 and len(rows) == 3 and len([line for line in table.splitlines() if line.startswith("│")]) == 3
+    assert max(map(len, out.splitlines())) <= 80
+
+
+def test_eval_at_80_columns_prints_means_and_a_piped_eval_prints_progress_lines(cli80, tmp_path):
+    code, out, err = cli80("eval", "--env", "fact-recall", "--model", "scripted", "--packs", "2", "--pack-size", "3",
+                           "--out", tmp_path / "ev", "--no-plot", "--modes", "live,none")
+    assert code == 0 and max(map(len, out.splitlines())) <= 80 and "pos 2" in out
+    assert "eval: 12/12 tasks" in err  # captured output is not a terminal: progress comes as lines

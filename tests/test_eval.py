@@ -82,7 +82,7 @@ def test_report_json_holds_curves_with_intervals_and_summary(tmp_path):
     for key in ("gain", "auc", "forgetting", "prompt_tokens_per_task", "completion_tokens_per_task", "timing"):
         assert key in live
     assert report["model"]["id"] == "scripted"
-    assert report["prompt_set"] == "cod-v1"
+    assert report["prompt_set"] == "cod-v2"
     assert report["settings"]["seeds"] == [1, 2]
     assert report["environments"]["fact-recall"]["options"] == {"items": 2, "digits": 3}
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -416,3 +416,22 @@ def test_environment_names_that_differ_only_in_unsafe_characters_get_different_a
     assert _slug("fact-recall") == "fact-recall"
     assert _slug("pkg.mod:factory") != _slug("pkg.mod_factory")
     assert len(_slug("x" * 200)) <= 48 and _slug("x" * 200) != _slug("x" * 199)
+
+
+def test_intervals_are_clipped_to_the_reward_range():
+    from lifecycle_agent.eval import mean_ci95, position_cell
+
+    assert mean_ci95([0.0, 1.0]) == pytest.approx((0.5, -5.853, 6.853), abs=1e-3)  # Student's t with n = 2
+    assert mean_ci95([0.0, 1.0], (0.0, 1.0)) == pytest.approx((0.5, 0.0, 1.0))
+    assert position_cell({"by_position": [0.5], "ci95": [[0.0, 1.0]]}, 0) == "0.50 [0.00, 1.00]"
+
+
+def test_report_intervals_stay_within_the_reward_range_and_say_n(tmp_path):
+    report = evaluate("fact-recall", "scripted", packs=2, pack_size=4, seeds=[1], modes=["live", "none"],
+                      out=tmp_path / "ev", plot=False)
+    for mode in report["environments"]["fact-recall"]["modes"].values():
+        assert mode["n"] == [2, 2, 2, 2]
+        for low, high in mode["ci95"]:
+            assert 0.0 <= low <= high <= 1.0
+    text = (tmp_path / "ev" / "report.md").read_text()
+    assert "| mode | n | pos 0 |" in text and "| live | 2 |" in text

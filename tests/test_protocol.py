@@ -149,3 +149,67 @@ def test_registering_a_changed_prompt_set_under_an_existing_id_is_refused():
     changed = PromptSet(**{**original.__dict__, "hints_empty": "(nothing)"})
     with pytest.raises(ValueError, match="new id"):
         register_prompt_set(changed)
+
+
+# ---------------------------------------------------------------- cod-v2: prefill and the missing end line
+import hashlib  # noqa: E402
+
+from lifecycle_agent.prompts import CONTEXT_BEGIN as _B, CONTEXT_END as _E, COD_V1, COD_V2  # noqa: E402
+from lifecycle_agent.protocol import ParsedUpdate  # noqa: E402
+
+
+def test_cod_v1_texts_are_byte_identical_to_the_released_set():
+    fields = ["id", "solve_system", "hints_empty", "update_system", "update_user", "no_reward", "no_feedback"]
+    digest = hashlib.sha256(repr([getattr(COD_V1, f) for f in fields]).encode()).hexdigest()
+    assert digest == "0f1f2a0e5bcba26a4f17dec2d8ad404acbca2f3c86b3274153deaeaab3957713"
+    assert COD_V1.update_prefill is None
+
+
+def test_cod_v2_prefills_the_begin_line_and_shows_an_example_note():
+    assert COD_V2.update_prefill == _B + "\n"
+    assert "Example of notes" in COD_V2.update_system
+
+
+def test_a_prefilled_reply_without_its_end_line_is_a_complete_block():
+    parsed = parse_update(_B + "\n- The code of the pear is 512.", "strict", prefilled=True)
+    assert parsed == ParsedUpdate("- The code of the pear is 512.", "ok")
+
+
+def test_a_prefilled_reply_with_its_end_line_stops_at_the_end_line():
+    parsed = parse_update(_B + "\n- a fact\n" + _E + "\ntrailing chatter", "strict", prefilled=True)
+    assert parsed == ParsedUpdate("- a fact", "ok")
+
+
+def test_a_missing_end_line_without_a_prefill_is_not_a_block():
+    reply = _B + "\n- a fact"
+    assert parse_update(reply, "strict").status == "failed"
+    assert parse_update(reply, "lenient") == ParsedUpdate("- a fact", "format_miss")
+
+
+def test_a_prefilled_reply_with_nothing_after_the_begin_line_fails():
+    assert parse_update(_B + "\n  \n", "strict", prefilled=True) == ParsedUpdate(None, "failed")
+
+
+def test_a_prefilled_reply_that_opens_a_second_block_without_closing_it_is_not_taken_whole():
+    reply = _B + "\ndraft\n" + _B + "\nfinal"
+    assert parse_update(reply, "strict", prefilled=True).status == "failed"
+
+
+def test_read_update_request_gives_back_what_update_messages_put_in():
+    from lifecycle_agent.protocol import read_update_request, update_messages
+
+    for prompt_set in ("cod-v1", "cod-v2"):
+        feedback = "Wrong.\n\nThe code is 7."
+        messages = update_messages("- old note", "Environment: q\nYou: a", 0.5, feedback, 300, prompt_set)
+        request = read_update_request(messages, prompt_set)
+        assert (request.context, request.transcript, request.reward, request.feedback) == (
+            "- old note", "Environment: q\nYou: a", 0.5, feedback)
+        empty = read_update_request(update_messages("", "t", None, None, 300, prompt_set), prompt_set)
+        assert (empty.context, empty.reward, empty.feedback) == ("", None, None)
+
+
+def test_read_update_request_refuses_a_solve_prompt():
+    from lifecycle_agent.protocol import read_update_request, solve_messages
+
+    with pytest.raises(ValueError, match="not an update episode"):
+        read_update_request(solve_messages("", "What is 2+2?"))

@@ -102,7 +102,7 @@ async def test_create_agent_returns_201_with_default_settings(make_app):
         body = await new_agent(c)
     assert body["agent_id"] == "bot" and body["context_version"] == 0
     assert body["settings"] == {"context_budget": 2000, "budget_policy": "truncate", "parse_policy": "lenient",
-                                "prompt_set": "cod-v1"}
+                                "prompt_set": "cod-v2", "on_failed_update": "keep"}
 
 
 async def test_create_agent_stores_given_settings_and_initial_context(make_app):

@@ -77,10 +77,17 @@ class CoDConfig:
     """Completion budget per model call, tokens. Default 64."""
     context_budget: int = 2000
     """Maximum context length, characters (as in deployment). Default 2000."""
-    parse_policy: str = "lenient"
-    """``lenient`` or ``strict`` parsing of update replies (a lenient format miss is still penalised)."""
-    prompt_set: str = "cod-v1"
+    parse_policy: str = "strict"
+    """``strict`` (default, as in the paper: only a delimited block counts) or ``lenient`` parsing of update
+    replies (a lenient format miss is still penalised)."""
+    on_failed_update: str = "reset"
+    """After an update with no usable notes: ``reset`` (default, the reference's rule: the context becomes the
+    fixed "No notes available." text, so a bad update costs the later tasks) or ``keep`` (deployment's rule)."""
+    prompt_set: str = "cod-v2"
     """Prompt-set id used to build every prompt."""
+    init_adapter: Optional[str] = None
+    """Start from this LoRA adapter directory (e.g. a ``train --sft`` run) instead of a new adapter; its rank,
+    alpha and target modules are used (the ``lora_*`` options are then ignored)."""
     parse_failure_reward: float = -0.1
     """``r_z`` of an update whose reply held no delimited block (format miss or failure). Default -0.1."""
     rollout_batch_size: Optional[int] = None
@@ -242,6 +249,10 @@ class CoDConfig:
             raise bad("beta", f"must be >= 0, got {self.beta}")
         if self.parse_policy not in ("lenient", "strict"):
             raise bad("parse_policy", f"must be lenient or strict, got {self.parse_policy!r}")
+        if self.on_failed_update not in ("reset", "keep"):
+            raise bad("on_failed_update", f"must be reset or keep, got {self.on_failed_update!r}")
+        if self.init_adapter is not None:
+            check_adapter_dir(self.init_adapter, "init_adapter")
         from lifecycle_agent.prompts import get_prompt_set
 
         get_prompt_set(self.prompt_set)
@@ -339,6 +350,21 @@ def check_trainable_spec(spec: Any) -> tuple[str, Optional[str]]:
         f"model {spec!r} is not a local trainable model: training needs the weights and token log-probs, "
         "so use smollm2 or hf:PATH (openai:, py: and scripted models can be evaluated but not trained)"
     )
+
+
+def check_adapter_dir(path: Any, option: str = "init_adapter") -> Path:
+    """``path`` as a PEFT adapter directory (it holds ``adapter_config.json``), or a :class:`TrainConfigError`."""
+    if not isinstance(path, str) or not path.strip():
+        raise TrainConfigError(f"{option}: give the directory of a LoRA adapter (a train --sft or --lora output)")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise TrainConfigError(f"{option}: {directory} is not a directory")
+    if not (directory / "adapter_config.json").is_file():
+        raise TrainConfigError(
+            f"{option}: {directory} is not a LoRA adapter directory (no adapter_config.json); give the output "
+            "directory of lifecycle-agent train --sft or train --lora"
+        )
+    return directory
 
 
 def resolve_precision(

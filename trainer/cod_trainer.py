@@ -84,6 +84,7 @@ class CoDTrainer(GRPOTrainer):
         settings = RolloutSettings(
             pack_size=cod_config.pack_size, temperature=cod_config.temperature, max_new_tokens=cod_config.max_new_tokens,
             context_budget=cod_config.context_budget, parse_policy=cod_config.parse_policy,
+            on_failed_update=cod_config.on_failed_update,
             prompt_set=cod_config.prompt_set, parse_failure_reward=cod_config.parse_failure_reward,
         )
         self.collector = RolloutCollector(
@@ -531,11 +532,18 @@ def train(
     # directory changes: a failed start leaves it as it was, and a corrected command may use it.
     args = grpo_arguments(config, device, dtype, state.num_processes)
     model, tokenizer = load_base_model(config, dtype)
+    peft_config = lora_config(config)
+    if config.init_adapter is not None:
+        from peft import PeftModel
+
+        # continue from a warm-start adapter (train --sft): it is the trainable adapter, no new one is added
+        model = PeftModel.from_pretrained(model, str(Path(config.init_adapter).expanduser()), is_trainable=True)
+        peft_config = None
     new_top = next((d for d in reversed((out, *out.parents)) if not d.exists()), None)  # highest directory to create
     trainer = None
     try:
         trainer = CoDTrainer(
-            model, tokenizer, config, args, Dataset.from_list(config.pack_schedule()), peft_config=lora_config(config),
+            model, tokenizer, config, args, Dataset.from_list(config.pack_schedule()), peft_config=peft_config,
         )
         check_optimizer(trainer.args, trainer.model)
     except BaseException:

@@ -144,7 +144,7 @@ def write_report(output_dir: str | Path, config, before: dict, after: dict, comm
         f"Held-out packs: {config.eval_packs} per environment (pack seeds {seeds[0]}..{seeds[-1]}, never trained on), "
         f"{config.held_out_pack_size} tasks each, context mode `live`, temperature {config.held_out_temperature:g}. "
         "Base = the same model with the adapter disabled, on the same packs. "
-        "Cells: mean reward ± half-width of the 95% confidence interval over packs.",
+        "Cells: mean reward [95% confidence interval over packs, within the reward range].",
         "",
         "## Mean reward by position on held-out packs",
         "",

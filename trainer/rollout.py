@@ -106,8 +106,9 @@ class RolloutSettings:
     temperature: float
     max_new_tokens: int
     context_budget: int = 2000
-    parse_policy: str = "lenient"
-    prompt_set: str = "cod-v1"
+    parse_policy: str = "strict"
+    on_failed_update: str = "reset"
+    prompt_set: str = "cod-v2"
     parse_failure_reward: float = PARSE_FAILURE_REWARD
     initial_context: str = ""
 
@@ -162,6 +163,7 @@ class RolloutCollector:
             self.store.delete_agent(base_id)
         base = LifecycleAgent(
             self.model, self.store, base_id, context_budget=s.context_budget, parse_policy=s.parse_policy,
+            on_failed_update=s.on_failed_update,
             prompt_set=s.prompt_set, temperature=s.temperature, update_temperature=s.temperature,
             max_new_tokens=s.max_new_tokens,
         )

@@ -23,6 +23,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: option names never wrap or get cut on a narrow terminal (rich panels cut them at 80 columns)
+    rich_markup_mode=None,
 )
 
 # Command modules register themselves on ``app`` when imported.
@@ -33,6 +35,27 @@ from . import eval as _eval  # noqa: E402,F401
 from . import ralph as _ralph  # noqa: E402,F401
 from . import serve as _serve  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
+
+
+#: Optional dependency (top-level module) -> the extra that installs it.
+EXTRAS = {
+    "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "httptools": "serve", "uvloop": "serve",
+    "torch": "local", "transformers": "local", "peft": "local", "gguf": "local", "accelerate": "local",
+    "safetensors": "local", "trl": "train", "datasets": "train", "agentscope": "agentscope",
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError, argv: list[str]) -> Optional[str]:
+    """``error:`` text for an optional dependency that is not installed, or ``None`` for any other module."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return None
+    command = next((a for a in argv if not a.startswith("-")), "")
+    if command == "train" and extra == "local":
+        extra = "train"
+    what = f"'lifecycle-agent {command}'" if command else "this command"
+    return f"{what} needs {module}, which is not installed: pip install 'lifecycle-agent[{extra}]'"
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -51,6 +74,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc, list(sys.argv[1:] if argv is None else argv))
+        if message is None or os.environ.get("LIFECYCLE_AGENT_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        sys.exit(2)
     except (LifecycleAgentError, ValueError, KeyError, OSError) as exc:
         if os.environ.get("LIFECYCLE_AGENT_DEBUG"):
             raise

@@ -16,10 +16,11 @@ DB_OPTION = typer.Option("lifecycle-agent.db", "--db", help="SQLite database fil
 AGENT_OPTION = typer.Option("default", "--agent", "-a", help="Agent id.")
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 MODEL_OPTION = typer.Option(
-    "smollm2",
+    "smollm2-cod",
     "--model",
     "-m",
-    help="Model spec: smollm2[@ADAPTER_DIR], hf:PATH[@ADAPTER_DIR], openai:MODEL, py:package.module:callable.",
+    help="Model spec: smollm2-cod (default: SmolLM2 + the shipped adapter), smollm2[@ADAPTER_DIR] (untrained base), "
+    "hf:PATH[@ADAPTER_DIR], openai:MODEL, py:package.module:callable, scripted.",
 )
 BASE_URL_OPTION = typer.Option(None, "--base-url", help="Base URL of an OpenAI-compatible endpoint (openai: specs).")
 API_KEY_OPTION = typer.Option(None, "--api-key", help="API key for openai: specs (default: OPENAI_API_KEY).", envvar=None)
@@ -29,6 +30,13 @@ def print_json(data: Any) -> None:
     """Write JSON to stdout (no colour, no wrapping: safe for pipes)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def check_model_spec(spec: str) -> None:
+    """The spec's form, checked before a command creates a database or loads a model."""
+    from ..models import check_spec
+
+    check_spec(spec)
 
 
 def load_model(spec: str, base_url: Optional[str], api_key: Optional[str]):

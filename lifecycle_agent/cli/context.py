@@ -16,8 +16,8 @@ from ..store import DEFAULT_BUSY_TIMEOUT, LOCK_ATTEMPTS, Store
 from . import app
 from .common import AGENT_OPTION, DB_OPTION, JSON_OPTION, console, print_json
 
-context_app = typer.Typer(help="Show, compare, roll back, fork, export and import agent contexts.", no_args_is_help=True)
-agents_app = typer.Typer(help="List and delete agents.", no_args_is_help=True)
+context_app = typer.Typer(help="Show, compare, roll back, fork, export and import agent contexts.", no_args_is_help=True, rich_markup_mode=None)
+agents_app = typer.Typer(help="List and delete agents.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(context_app, name="context")
 app.add_typer(agents_app, name="agents")
 

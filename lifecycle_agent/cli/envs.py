@@ -12,7 +12,7 @@ from .. import envs
 from . import app
 from .common import JSON_OPTION, console, print_json
 
-envs_app = typer.Typer(help="Built-in and registered environments.", no_args_is_help=True)
+envs_app = typer.Typer(help="Built-in and registered environments.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(envs_app, name="envs")
 
 
@@ -28,16 +28,25 @@ def list_envs(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table(title="environments", show_lines=True)
-    for column in ("name", "description", "presets", "options (defaults)"):
-        table.add_column(column, overflow="fold")
+    # names never wrap; a narrow terminal (or a pipe, 80 columns) drops the presets and options columns
+    wide = console.width >= 110
+    table = Table(title="environments", show_lines=wide)
+    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+    table.add_column("description", overflow="fold")
+    if wide:
+        table.add_column("presets", overflow="fold")
+        table.add_column("options (defaults)", overflow="fold")
     for row in rows:
-        presets = "\n".join(
-            f"{name}: {_preset_summary(row['options'], values)}" for name, values in row["preset_options"].items()
-        ) or "-"
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
-        table.add_row(row["name"], row["description"], presets, options)
+        cells = [row["name"], row["description"]]
+        if wide:
+            presets = "\n".join(
+                f"{name}: {_preset_summary(row['options'], values)}" for name, values in row["preset_options"].items()
+            ) or "-"
+            cells += [presets, ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"]
+        table.add_row(*cells)
     console.print(table)
+    if not wide:
+        console.print("Presets and options: lifecycle-agent envs show NAME (or a terminal of 110+ columns, or --json).")
     console.print("Also: any package.module:factory (a callable returning a lifecycle_agent.envs.Environment).")
 
 

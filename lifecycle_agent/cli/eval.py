@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..eval import MODES, EvalError, EvalProgress, check_settings, evaluate, parse_names, table_rows
+from ..eval import MODES, EvalError, EvalProgress, check_resume, evaluate, parse_names, table_rows
 from . import app
-from .common import API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, console, err_console, load_model, print_json
+from .common import (
+    API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, check_model_spec, console, err_console, load_model,
+    print_json,
+)
 
 
 def parse_options(items: list[str], env_names: list[str]) -> dict[str, dict[str, Any]]:
@@ -32,10 +34,12 @@ def parse_options(items: list[str], env_names: list[str]) -> dict[str, dict[str,
 
 
 def report_tables(report: dict[str, Any]) -> list[Table]:
-    """One rich table per environment (the same cells as report.md)."""
+    """One rich table per environment (the cells of report.md; means only on a narrow terminal)."""
     tables = []
     for env in report["environments"]:
-        header, rows = table_rows(report, env)
+        # intervals and token columns need about 13 characters per position: narrower terminals get the means
+        compact = console.width < 60 + 15 * report["settings"]["pack_size"]
+        header, rows = table_rows(report, env, compact=compact)
         table = Table(title=f"{env} · {report['model']['id']} · preset {report['settings']['preset']}")
         for column in header:
             table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
@@ -73,10 +77,13 @@ def eval_command(
         raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
     env_names = parse_names(env)
     env_options = parse_options(option, env_names)
-    check_settings(
-        env_names, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
-        parse_policy=parse_policy, prompt_set=prompt_set, env_options=env_options,
+    check_resume(  # every check that needs no model, before the (possibly slow) model load
+        env_names, out, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes,
+        concurrency=concurrency, temperature=temperature, update_temperature=update_temperature,
+        max_new_tokens=max_new_tokens, context_budget=context_budget, parse_policy=parse_policy,
+        prompt_set=prompt_set, env_options=env_options,
     )
+    check_model_spec(model)
     if not as_json:
         err_console.print(f"loading model {model} ...")
     chat_model = load_model(model, base_url, api_key)
@@ -86,9 +93,14 @@ def eval_command(
     )
     bar = progress.add_task("eval", total=None, status="")
 
+    piped = not err_console.is_terminal  # no live bar in a pipe or a log file: print a line now and then instead
+    every = max(1, pack_size)
+
     def on_progress(event: EvalProgress) -> None:
         reward = "" if event.record is None or event.record.reward is None else f" reward {event.record.reward:.2f}"
         progress.update(bar, completed=event.done, total=event.total, status=f"{event.env} {event.mode}{reward}")
+        if piped and not as_json and (event.done % every == 0 or event.done == event.total):
+            err_console.print(f"eval: {event.done}/{event.total} tasks ({event.env} {event.mode})", highlight=False)
 
     try:
         with progress:
@@ -104,11 +116,8 @@ def eval_command(
     if as_json:
         print_json(report)
         return
-    width = 12 * report["settings"]["pack_size"] + 60
-    # a pipe or a narrow terminal would truncate cells: print the tables at the width they need
-    table_console = console if console.width >= width else Console(width=width, highlight=False)
     for table in report_tables(report):
-        table_console.print(table)
+        console.print(table)
     for error in report["errors"]:
         err_console.print(f"[red]pack error:[/] {error['env']} {error['mode']} seed {error['seed']} pack {error['pack']}: {error['error']}", highlight=False)
     written = ["report.json", "report.md"] + (["curve.png"] if plot else [])

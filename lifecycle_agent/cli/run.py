@@ -18,8 +18,8 @@ from ..errors import TaskFormatError
 from ..store import check_agent_id
 from . import app
 from .common import (
-    AGENT_OPTION, API_KEY_OPTION, BASE_URL_OPTION, DB_OPTION, JSON_OPTION, MODEL_OPTION, console, err_console,
-    load_model, print_json,
+    AGENT_OPTION, API_KEY_OPTION, BASE_URL_OPTION, DB_OPTION, JSON_OPTION, MODEL_OPTION, check_model_spec, console,
+    err_console, load_model, print_json,
 )
 from .context import BUSY_TIMEOUT_OPTION, open_store
 
@@ -44,9 +44,26 @@ def _short(text: Optional[str], width: int = 40) -> str:
     return escape(text if len(text) <= width else text[: width - 3] + "...")
 
 
-def summary_table(result: RunResult) -> Table:
+def _update_tokens(result: RunResult, store) -> int:
+    """Completion tokens of the run's update episodes (records count the solve episodes' own)."""
+    total = 0
+    for r in result.records:
+        if r.update_episode_id is not None and store is not None:
+            total += store.get_episode(r.update_episode_id).completion_tokens or 0
+    return total
+
+
+def task_prompt(store, record: TaskRecord) -> str:
+    """The first observation of a record's solve episode (what the task asked)."""
+    if record.solve_episode_id is None:
+        return ""
+    messages = store.get_episode(record.solve_episode_id).messages
+    return next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+
+
+def summary_table(result: RunResult, store=None) -> Table:
     table = Table(title=f"run {result.run_id} of agent {result.agent_id}")
-    for column in ("pos", "task", "reward", "answer", "update", "context v", "context chars", "status"):
+    for column in ("pos", "task", "reward", "answer", "update", "context v", "chars", "status"):
         table.add_column(column)
     for r in result.records:
         table.add_row(
@@ -55,11 +72,14 @@ def summary_table(result: RunResult) -> Table:
             str(r.context_chars), r.status if r.status == "ok" else f"[red]{r.status}[/]",
         )
     mean = result.mean_reward
-    tokens = sum((r.completion_tokens or 0) for r in result.records)
+    solve_tokens = sum((r.completion_tokens or 0) for r in result.records)
+    update_tokens = _update_tokens(result, store)
     failed = len(result.failed)
+    rewarded = sum(1 for r in result.records if (r.reward or 0) > 0)
     table.caption = (
-        f"{len(result.records) - failed} solved, {len(result.skipped)} already done, {failed} failed; "
-        f"mean reward {'-' if mean is None else f'{mean:.3f}'}; {tokens} completion tokens"
+        f"{len(result.records) - failed} completed ({rewarded} with reward > 0), {len(result.skipped)} already done, "
+        f"{failed} failed; mean reward {'-' if mean is None else f'{mean:.3f}'}; "
+        f"{solve_tokens + update_tokens} completion tokens ({solve_tokens} solving, {update_tokens} writing context)"
     )
     return table
 
@@ -83,7 +103,8 @@ def run(
     parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict (stored with the agent)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first failed task."),
     no_resume: bool = typer.Option(False, "--no-resume", help="Solve tasks again even if this agent completed them."),
-    show_context: bool = typer.Option(True, "--show-context/--quiet", help="Print each task's outcome and the context as it evolves."),
+    show_context: bool = typer.Option(False, "--show-context", help="Also print the whole context after every task (it is always printed at the end)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print no per-task lines, only the closing table and context."),
     as_json: bool = JSON_OPTION,
     busy_timeout: float = BUSY_TIMEOUT_OPTION,
 ) -> None:
@@ -91,9 +112,15 @@ def run(
     if parse_policy is not None and parse_policy not in ("lenient", "strict"):
         raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
     check_agent_id(agent)
+    check_model_spec(model)
     task_list = build_tasks(tasks, env, preset, seed, n, packing)
     # everything that can be checked cheaply is checked before the (possibly slow) model load
     with open_store(db, busy_timeout, create=True) as store:
+        if not no_resume and store.has_agent(agent) and all(
+            store.task_state(agent, t.id)[0] == "done" for t in task_list
+        ):
+            _nothing_to_do(store, agent, [t.id for t in task_list], as_json)
+            return
         if not as_json:
             err_console.print(f"loading model {model} ...")
         chat_model = load_model(model, base_url, api_key)
@@ -101,11 +128,49 @@ def run(
             chat_model, store, agent, temperature=temperature, max_new_tokens=max_new_tokens,
             context_budget=context_budget, parse_policy=parse_policy,
         )
-        _run_and_report(lifecycle, task_list, agent, fail_fast, no_resume, show_context, as_json)
+        _run_and_report(lifecycle, task_list, agent, fail_fast, no_resume, show_context and not quiet, as_json, quiet)
+
+
+def _nothing_to_do(store, agent: str, task_ids: list[str], as_json: bool) -> None:
+    """Every task was completed by an earlier run: say so without loading the model (no run is recorded)."""
+    head = store.head(agent)
+    if as_json:
+        print_json({"run_id": None, "agent_id": agent, "records": [], "skipped": task_ids, "stopped": None,
+                    "mean_reward": None, "context": head.text, "context_version": head.version})
+        return
+    console.print(f"all {len(task_ids)} task(s) already completed by agent {agent}: nothing to do, the model was "
+                  "not loaded (use --no-resume to solve them again)")
+    console.print(f"context (version {head.version}):")
+    console.print(Panel(Text(head.text or "(empty)")))
+
+
+def task_lines(lifecycle: LifecycleAgent, record: TaskRecord) -> Text:
+    """What one task showed: the prompt, the answer, reward and feedback, and the context version it wrote."""
+    reward = "-" if record.reward is None else f"{record.reward:.2f}"
+    text = Text()
+    text.append(f"task {record.position}", style="bold")
+    text.append(f"  (solved with context v{record.context_version})\n")
+    text.append("  prompt:   ", style="dim")
+    text.append(task_prompt(lifecycle.store, record).strip() + "\n")
+    text.append("  answer:   ", style="dim")
+    text.append((record.answer or "-").strip() + "\n")
+    text.append("  reward:   ", style="dim")
+    text.append(reward, style="green" if (record.reward or 0) > 0 else "red")
+    text.append("\n  feedback: ", style="dim")
+    text.append((record.feedback or "-").strip() + "\n")
+    text.append("  context:  ", style="dim")
+    if record.status == "failed":
+        text.append(f"failed: {record.error}", style="red")
+    elif record.new_context_version is not None:
+        text.append(f"v{record.new_context_version} written ({record.context_chars} chars, update {record.update_status})")
+    else:
+        text.append(f"unchanged (update {record.update_status or 'not run'})")
+    return text
 
 
 def _run_and_report(
-    lifecycle: LifecycleAgent, task_list: list, agent: str, fail_fast: bool, no_resume: bool, show_context: bool, as_json: bool
+    lifecycle: LifecycleAgent, task_list: list, agent: str, fail_fast: bool, no_resume: bool, show_context: bool, as_json: bool,
+    quiet: bool = False,
 ) -> None:
     """Run the tasks and print the outcome: one JSON document, or progress, panels and the closing table."""
     if as_json:
@@ -130,17 +195,12 @@ def _run_and_report(
         progress.advance(bar)
         reward = "-" if record.reward is None else f"{record.reward:.2f}"
         progress.update(bar, status=f"last reward {reward}")
-        if show_context:
-            title = f"task {record.position} · reward {reward} · answer {_short(record.answer, 30)!s}"
-            body = record.error if record.status == "failed" else (lifecycle.context or "(empty)")
-            subtitle = (
-                "failed" if record.status == "failed"
-                else f"context v{record.new_context_version if record.new_context_version is not None else record.context_version}"
-                f" · update {record.update_status or '-'}"
-            )
-            progress.console.print(
-                Panel(Text(body or ""), title=title, subtitle=subtitle, title_align="left", subtitle_align="right")
-            )
+        if quiet:
+            return
+        progress.console.print(task_lines(lifecycle, record))
+        if show_context and record.status == "ok":
+            version = record.new_context_version if record.new_context_version is not None else lifecycle.context_version
+            progress.console.print(Panel(Text(lifecycle.context or "(empty)"), title=f"context v{version}", title_align="left"))
 
     with progress:
         bar = progress.add_task(f"agent {agent}", total=len(task_list), status="")
@@ -148,7 +208,7 @@ def _run_and_report(
         progress.update(bar, completed=len(task_list))
     if result.skipped:
         console.print(f"{len(result.skipped)} task(s) already completed by agent {agent}: skipped (use --no-resume to solve them again)")
-    console.print(summary_table(result))
+    console.print(summary_table(result, lifecycle.store))
     console.print(f"final context (version {lifecycle.context_version}, {time.perf_counter() - started:.1f} s):")
     console.print(Panel(Text(lifecycle.context or "(empty)")))
     if result.stopped:

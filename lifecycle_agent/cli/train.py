@@ -86,7 +86,15 @@ def results_table(before: Optional[dict], after: Optional[dict]) -> Optional[Tab
 @app.command("train")
 def train_command(
     ctx: typer.Context,
-    lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter (the supported method; required)."),
+    lora: bool = typer.Option(False, "--lora", help="LoRA GRPO with per-episode credit (one of --lora / --sft is required)."),
+    sft: bool = typer.Option(False, "--sft", help="Warm start: distil a teacher's notes into a LoRA adapter (TRL SFTTrainer)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="--sft: oracle (each environment's reference note-writer) or a model spec, e.g. openai:MODEL (default: oracle)."),
+    packs: Optional[int] = typer.Option(None, "--packs", help="--sft: demonstration packs per environment (default: 48)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="--sft: rows per optimizer step (default: 8)."),
+    eval_envs: Optional[str] = typer.Option(None, "--eval-envs", help="--sft: environments evaluated but never trained on (transfer check), comma-separated."),
+    init_adapter: Optional[str] = typer.Option(None, "--init-adapter", help="--lora: continue from this LoRA adapter directory (e.g. a train --sft output)."),
+    prompt_set: Optional[str] = typer.Option(None, "--prompt-set", help="Prompt-set id of every episode (default: cod-v1 for --lora, cod-v2 for --sft)."),
+    on_failed_update: Optional[str] = typer.Option(None, "--on-failed-update", help="--lora: reset (the context becomes 'No notes available.') or keep, after an update with no notes." + _d("on_failed_update")),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory: adapter, checkpoints, metrics.jsonl, report.md."),
     env: Optional[str] = typer.Option(None, "--env", "-e", help="Environment(s), comma-separated." + _d("envs")),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local trainable model: smollm2 or hf:PATH." + _d("model")),
@@ -134,10 +142,32 @@ def train_command(
     Rollouts run through LifecycleAgent itself (same prompts, parsing, context budget and
     store as deployment). Interrupt with Ctrl-C and continue with --resume.
     """
-    if not lora:
-        raise typer.BadParameter("pass --lora: LoRA is the supported training method", param_hint="--lora")
+    if lora == sft:
+        raise typer.BadParameter(
+            "pass exactly one of --lora (GRPO with per-episode credit) and --sft (warm start by distillation)",
+            param_hint="--lora / --sft",
+        )
     if CoDConfig is None:  # pragma: no cover
         raise typer.BadParameter("the trainer package is not installed: pip install 'lifecycle-agent[train]'")
+    if sft:
+        refused = {"--resume": resume, "--init-adapter": init_adapter, "--group-size": group_size, "--loss": loss,
+                   "--on-failed-update": on_failed_update}
+        given_refused = [name for name, value in refused.items() if value not in (None, False)]
+        if given_refused:
+            raise typer.BadParameter(f"{', '.join(given_refused)} belong(s) to --lora, not --sft", param_hint="--sft")
+        sft_given = dict(
+            envs=[e.strip() for e in env.split(",") if e.strip()] if env is not None else None,
+            eval_envs=[e.strip() for e in eval_envs.split(",") if e.strip()] if eval_envs is not None else None,
+            model=model, teacher=teacher, packs=packs, pack_size=pack_size, max_steps=steps, batch_size=batch_size,
+            learning_rate=lr, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_target=lora_target, seed=seed,
+            device=device, dtype=dtype, threads=threads, context_budget=context_budget, eval_packs=eval_packs,
+            eval_pack_size=eval_pack_size, eval_seed=eval_seed, preset=preset, prompt_set=prompt_set,
+            report=False if no_report else None,
+        )
+        _run_sft(ctx, output, sft_given, overwrite, as_json)
+        return
+    if any(v is not None for v in (teacher, packs, batch_size, eval_envs)):
+        raise typer.BadParameter("--teacher, --packs, --batch-size and --eval-envs belong to --sft", param_hint="--lora")
     given = dict(
         envs=[e.strip() for e in env.split(",") if e.strip()] if env is not None else None,
         model=model, max_steps=steps, max_minutes=max_minutes, group_size=group_size, pack_size=pack_size, packs_per_step=packs_per_step,
@@ -147,6 +177,7 @@ def train_command(
         lora_target=lora_target, gradient_accumulation_steps=grad_accum, gradient_checkpointing=gradient_checkpointing,
         save_steps=save_every, seed=seed, device=device, dtype=dtype, threads=threads, context_budget=context_budget,
         parse_policy=parse_policy, report_to=list(report_to) or None, trl_args=parse_trl_args(trl_arg) or None,
+        init_adapter=init_adapter, prompt_set=prompt_set, on_failed_update=on_failed_update,
         report=False if no_report else None, progress=progress and not as_json,
     )
     config = build_config(output, given, resume)
@@ -178,6 +209,32 @@ def train_command(
     if result.report_path:
         console.print(f"report:  {result.report_path}")
     console.print(f"{result.steps} steps in {result.seconds:.0f} s")
+
+
+def _run_sft(ctx: typer.Context, output: Path, given: dict[str, Any], overwrite: bool, as_json: bool) -> None:
+    """``train --sft``: a :class:`trainer.distill_config.DistillConfig` run through :func:`trainer.distill.distill`."""
+    from trainer.distill_config import DistillConfig
+
+    config = DistillConfig(output_dir=str(output), **{k: v for k, v in given.items() if v is not None})
+    config.validate()  # cheap checks before torch loads
+    if not as_json:
+        err_console.print(
+            f"warm start: {config.model} learns from teacher {config.teacher} on {', '.join(config.envs)} -> {output}"
+        )
+    from trainer.distill import distill
+
+    result = distill(config, overwrite=overwrite, command=command_line(ctx))
+    if as_json:
+        print_json(dataclasses.asdict(result))
+        return
+    console.print(
+        f"demonstrations: {result.packs_kept} of {result.packs_collected} packs kept, {result.rows} rows; "
+        f"{result.steps} SFT steps in {result.seconds:.0f} s"
+    )
+    console.print(f"adapter: {result.adapter_dir} (use --model {_adapter_spec(config.model, result.adapter_dir)}; "
+                  f"continue with train --lora --init-adapter {shlex.quote(result.adapter_dir)})")
+    if result.report_path:
+        console.print(f"report:  {result.report_path}")
 
 
 def command_line(ctx: typer.Context) -> str:

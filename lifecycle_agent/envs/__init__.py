@@ -31,6 +31,7 @@ _BUILTINS: dict[str, str] = {
     "optimal-control": "lifecycle_agent.envs.optimal_control:OptimalControl",
     "alchemy": "lifecycle_agent.envs.alchemy:Alchemy",
     "terminal": "lifecycle_agent.envs.terminal:Terminal",
+    "preference": "lifecycle_agent.envs.preference:Preference",
 }
 _REGISTERED: dict[str, Callable[..., Environment]] = {}
 

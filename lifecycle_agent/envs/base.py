@@ -61,6 +61,8 @@ class Environment(ABC):
     description: ClassVar[str] = ""
     #: Every option with its default; presets and keyword options may override them.
     defaults: ClassVar[dict[str, Any]] = {}
+    #: The lowest and highest reward a task can give (eval clips confidence intervals to it).
+    reward_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     #: Named option sets. ``train`` is the training distribution; ``easy``/``hard`` shift it.
     presets: ClassVar[dict[str, dict[str, Any]]] = {"train": {}, "easy": {}, "hard": {}}
 
@@ -81,6 +83,21 @@ class Environment(ABC):
     def instructions(self) -> Optional[str]:
         """Rules shared by every task, shown in the system prompt (``None`` for none)."""
         return None
+
+    # The reference policy: an observation-only note-writer and solver. It receives exactly what
+    # an agent's update and solve episodes receive (never a pack, so never a hidden fact that was
+    # not shown), and is the ``--teacher oracle`` of ``lifecycle-agent train --sft``.
+    has_reference_policy: ClassVar[bool] = False
+
+    def reference_notes(self, notes: str, transcript: str, reward: Optional[float], feedback: Optional[str]) -> str:
+        """The notes a careful agent writes after a task: ``notes`` (the previous context), the task's
+        ``transcript``, ``reward`` and ``feedback``, exactly as an update episode shows them."""
+        raise NotImplementedError(f"environment {self.name!r} has no reference note-writer")
+
+    def reference_reply(self, notes: str, messages: list[dict]) -> str:
+        """The reply a careful agent gives in a solve episode, from its ``notes`` (the Hints) and the
+        episode's ``messages`` so far (observations and its own earlier replies)."""
+        raise NotImplementedError(f"environment {self.name!r} has no reference solver")
 
     @abstractmethod
     def hidden_facts(self, rng: random.Random) -> dict[str, Any]:
@@ -157,6 +174,9 @@ class Pack:
 
     def __len__(self) -> int:
         return self.size
+
+    def __repr__(self) -> str:
+        return f"<Pack {self.id}: {self.size} task(s) of {self.env.name} ({self.packing} packing)>"
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import EnvironmentSpecError
 from ..tasks import StepResult
@@ -27,6 +27,7 @@ QUESTIONS = (
     "I need the {item}'s secret code. What is it?",
 )
 _NUMBER = re.compile(r"\d+")
+_FACT = re.compile(r"secret code of the ([a-z]+) is (\d+)")
 
 
 class FactRecallTask(EnvTask):
@@ -84,3 +85,20 @@ class FactRecall(Environment):
 
     def make_task(self, pack: Pack, index: int, task_id: str) -> FactRecallTask:
         return FactRecallTask(pack, index, task_id)
+
+    has_reference_policy = True
+
+    def reference_notes(self, notes: str, transcript: str, reward: Optional[float], feedback: Optional[str]) -> str:
+        """One line per code the notes or the feedback stated; the feedback wins over an older note."""
+        codes = dict(_FACT.findall(notes.lower()))
+        codes.update(_FACT.findall((feedback or "").lower()))
+        return "\n".join(f"- The secret code of the {item} is {code}." for item, code in codes.items())
+
+    def reference_reply(self, notes: str, messages: list[dict]) -> str:
+        """The code the notes give for the item asked about, else a plain admission."""
+        question = str(messages[-1].get("content", "")).lower()
+        codes = dict(_FACT.findall(notes.lower()))
+        for item in re.findall(r"[a-z]+", question):
+            if item in codes:
+                return f"Answer: {codes[item]}"
+        return "My notes do not hold this code yet.\nAnswer: 0"

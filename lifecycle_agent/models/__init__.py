@@ -4,7 +4,9 @@ Heavy adapters (transformers, agentscope, openai) are imported only when used.
 
 Spec strings (CLI, server, config files):
 
-- ``smollm2`` or ``smollm2@ADAPTER_DIR``: the embedded SmolLM2-135M-Instruct, optionally with a PEFT adapter;
+- ``smollm2-cod`` (the default): the embedded SmolLM2-135M-Instruct with the LoRA adapter shipped in the
+  package, trained by ``benchmarks/train_learning.py`` to write and use notes;
+- ``smollm2`` or ``smollm2@ADAPTER_DIR``: the untrained embedded SmolLM2-135M-Instruct, optionally with a PEFT adapter;
 - ``hf:PATH`` or ``hf:PATH@ADAPTER_DIR``: a local transformers model directory, optionally with a PEFT adapter;
 - ``openai:MODEL``: an OpenAI-compatible endpoint (``--base-url`` / ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``);
 - ``py:package.module:callable``: a Python callable ``fn(messages) -> str`` or a :class:`ChatModel`;
@@ -22,10 +24,14 @@ from ..errors import ModelSpecError
 from .base import ChatModel, Generation
 from .python import CallableModel
 
-__all__ = ["ChatModel", "Generation", "CallableModel", "resolve_model", "SPEC_FORMS"]
+__all__ = ["ChatModel", "Generation", "CallableModel", "resolve_model", "check_spec", "SPEC_FORMS", "DEFAULT_MODEL"]
+
+#: The model used when none is given: SmolLM2-135M-Instruct with the shipped CoD adapter.
+DEFAULT_MODEL = "smollm2-cod"
 
 SPEC_FORMS = (
-    "smollm2[@ADAPTER_DIR]",
+    "smollm2-cod (the default: SmolLM2-135M-Instruct + the shipped adapter trained for this protocol)",
+    "smollm2[@ADAPTER_DIR] (the untrained base, optionally with your adapter)",
     "hf:PATH[@ADAPTER_DIR]",
     "openai:MODEL (with --base-url or OPENAI_BASE_URL)",
     "py:package.module:callable",
@@ -83,7 +89,7 @@ def resolve_model(
     string (see the module docstring). ``options`` go to the adapter's constructor.
     """
     if model is None:
-        model = "smollm2"
+        model = DEFAULT_MODEL
     if isinstance(model, ChatModel):
         return model
     if isinstance(model, str):
@@ -105,41 +111,66 @@ def resolve_model(
     )
 
 
-def _from_spec(spec: str, *, base_url, api_key, device, dtype, **options) -> ChatModel:
+def check_spec(spec: Any) -> None:
+    """Check the form of a model spec string without loading anything (a :class:`ModelSpecError` if wrong).
+
+    Commands call it before they create a database or load a model, so a typo costs nothing.
+    Whether the model then loads (a missing file, module or endpoint) is only known by loading it.
+    """
+    if not isinstance(spec, str):
+        raise ModelSpecError(f"a model spec is a string, got {type(spec).__name__}")
     spec = spec.strip()
     if not spec:
         raise _spec_error(spec, "empty spec")
+    head, sep, rest = spec.partition(":")
+    if spec in ("scripted", "smollm2-cod", "smollm2") or spec.startswith("smollm2@"):
+        return
+    if not sep:
+        raise _spec_error(spec, "unknown form")
+    if head == "hf":
+        if not _split_adapter(rest)[0]:
+            raise _spec_error(spec, "hf: needs a model directory")
+    elif head == "openai":
+        if not rest:
+            raise _spec_error(spec, "openai: needs a model name")
+    elif head == "scripted":
+        raise _spec_error(spec, "scripted: takes no argument; use 'scripted'")
+    elif head == "py":
+        module_name, sep2, attr = rest.rpartition(":")
+        if not sep2 or not module_name or not attr:
+            raise _spec_error(spec, "py: needs package.module:callable")
+    else:
+        raise _spec_error(spec, f"unknown prefix {head + ':'!r}")
+
+
+def _from_spec(spec: str, *, base_url, api_key, device, dtype, **options) -> ChatModel:
+    check_spec(spec)
+    spec = spec.strip()
     head, sep, rest = spec.partition(":")
     if spec == "scripted":
         from .scripted import ScriptedModel
 
         return ScriptedModel()
+    if spec == "smollm2-cod":
+        from .smollm2 import load_smollm2_cod
+
+        return load_smollm2_cod(device=device, dtype=dtype, **options)
     if spec == "smollm2" or spec.startswith("smollm2@"):
         _, adapter = _split_adapter(spec)
         from .smollm2 import load_smollm2
 
         return load_smollm2(adapter=adapter, device=device, dtype=dtype, **options)
-    if not sep:
-        raise _spec_error(spec, "unknown form")
     if head == "hf":
         path, adapter = _split_adapter(rest)
-        if not path:
-            raise _spec_error(spec, "hf: needs a model directory")
         from .local import LocalModel
 
         return LocalModel.from_pretrained(path, adapter=adapter, device=device, dtype=dtype, **options)
     if head == "openai":
-        if not rest:
-            raise _spec_error(spec, "openai: needs a model name")
         from .openai_compat import OpenAIModel
 
         return OpenAIModel(rest, base_url=base_url, api_key=api_key, **options)
-    if head == "scripted" and not rest:
-        raise _spec_error(spec, "scripted: takes no argument; use 'scripted'")
     if head == "py":
         module_name, sep2, attr = rest.rpartition(":")
-        if not sep2 or not module_name or not attr:
-            raise _spec_error(spec, "py: needs package.module:callable")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -155,4 +186,4 @@ def _from_spec(spec: str, *, base_url, api_key, device, dtype, **options) -> Cha
         if not callable(target):
             raise _spec_error(spec, f"{attr!r} is not callable")
         return CallableModel(target, model_id=spec)
-    raise _spec_error(spec, f"unknown prefix {head + ':'!r}")
+    raise AssertionError(f"check_spec accepted {spec!r} but no branch loads it")  # pragma: no cover

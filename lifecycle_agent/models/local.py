@@ -440,7 +440,11 @@ class _Engine:
             chat.append({"role": message["role"], "content": flatten_content(message.get("content"))})
         try:
             with self._tok_lock:
-                text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                if chat[-1]["role"] == "assistant":
+                    # a prefilled reply: the model continues the final assistant message
+                    text = self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+                else:
+                    text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         except Exception as exc:
             raise ModelCallError(
@@ -960,6 +964,7 @@ class LocalModel(ChatModel):
     """
 
     trainable = True
+    supports_prefill = True
 
     def __init__(
         self,

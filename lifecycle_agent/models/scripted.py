@@ -56,18 +56,40 @@ def feedback_notes(messages: list[dict], max_lines: int = 20) -> str:
     return "Keeping what the feedback taught.\n" + CONTEXT_BEGIN + "\n" + "\n".join(notes) + "\n" + CONTEXT_END
 
 
+_OPTIONS = re.compile(r"options?:\s*([^.?!\n]+)", re.IGNORECASE)
+
+
+def _candidates(line: str, options: list[str]) -> list[str]:
+    """Answers a note line offers, in order: the question's options it names, else its numbers.
+
+    Only the feedback part of a ``task -> feedback`` note counts when there is one (the task
+    part repeats the question, options included)."""
+    text = line.split(" -> ", 1)[-1]
+    if options:
+        return [w for w in _WORD.findall(text.lower()) if w in options]
+    return _NUMBER.findall(text)
+
+
 def lookup_answer(messages: list[dict]) -> str:
-    """Default solve policy: answer with the last number of the hint line sharing most words with the task."""
+    """Default solve policy: look the task up in the notes.
+
+    The hint line sharing most words with the task gives the answer: the last of the task's
+    options it names (``Options: tea, coffee, ...``), or for a task without options its last
+    number, since feedback states the right value last ("you answered 1. The code is 42.").
+    Without a fitting note: the first option, or 0.
+    """
     question = str(messages[-1].get("content", "")).lower()
-    words = {w for w in _WORD.findall(question) if w not in _STOP}
+    listed = _OPTIONS.search(question)
+    options = [o.strip() for o in re.split(r",|\bor\b", listed.group(1)) if o.strip()] if listed else []
+    words = {w for w in _WORD.findall(question) if w not in _STOP and w not in options}
     best, best_score = None, 0
     for line in hints(messages).splitlines():
         score = len(words & set(_WORD.findall(line.lower())))
-        if score > best_score and _NUMBER.search(line):
+        if score > best_score and _candidates(line, options):
             best, best_score = line, score
     if best is None:
-        return "I do not know yet.\nAnswer: 0"
-    return f"From my notes: {best.strip()}\nAnswer: {_NUMBER.findall(best)[-1]}"
+        return f"I do not know yet.\nAnswer: {options[0] if options else 0}"
+    return f"From my notes: {best.strip()}\nAnswer: {_candidates(best, options)[-1]}"
 
 
 class ScriptedModel(ChatModel):

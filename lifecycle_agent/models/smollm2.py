@@ -42,6 +42,9 @@ __all__ = [
     "CACHE_SUBDIR",
     "DEFAULT_TEMPERATURE",
     "load_smollm2",
+    "load_smollm2_cod",
+    "shipped_adapter_dir",
+    "COD_SPEC",
     "gguf_path",
     "default_cache_root",
     "smollm2_cache_dir",
@@ -308,6 +311,27 @@ def load_smollm2(
         default_temperature=view_options.get("default_temperature", DEFAULT_TEMPERATURE),
         max_new_tokens=view_options.get("max_new_tokens", 256),
     )
+
+
+#: The model spec of SmolLM2-135M-Instruct with the shipped CoD adapter (the default model).
+COD_SPEC = "smollm2-cod"
+
+
+def shipped_adapter_dir() -> Path:
+    """Directory of the LoRA adapter shipped inside the package (``smollm2-cod``), or a :class:`ModelSpecError`."""
+    directory = Path(__file__).resolve().parent.parent / "adapters" / COD_SPEC
+    if not (directory / "adapter_config.json").is_file() or not (directory / "adapter_model.safetensors").is_file():
+        raise ModelSpecError(
+            f"the shipped adapter of {COD_SPEC!r} is missing from {directory}; reinstall lifecycle-agent, "
+            "or use --model smollm2 (the untrained base)"
+        )
+    return directory
+
+
+def load_smollm2_cod(**options: Any) -> LocalModel:
+    """SmolLM2-135M-Instruct + the shipped CoD adapter (``model_id`` ``smollm2-cod``); options as :func:`load_smollm2`."""
+    options.setdefault("model_id", COD_SPEC)
+    return load_smollm2(adapter=shipped_adapter_dir(), **options)
 
 
 def clear_process_cache() -> None:

@@ -555,7 +555,7 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         request.state.agent_id = body.agent_id
         sid = stored_id(tenant, body.agent_id)
         settings = AgentSettings(**body.model_dump(include={"context_budget", "budget_policy", "parse_policy",
-                                                            "prompt_set"}, exclude_none=True))
+                                                            "prompt_set", "on_failed_update"}, exclude_none=True))
         if body.context and apply_budget(body.context, settings.context_budget, "reject").text is None:
             raise _bad(f"context is {len(body.context)} characters, over the context budget of "
                        f"{settings.context_budget}", "context")

@@ -107,6 +107,8 @@ class CreateAgentRequest(_Strict):
     context_budget: Optional[json_int(ge=1, le=100_000)] = Field(default=None, description="Maximum context length, characters.")
     budget_policy: Optional[Literal["truncate", "reject"]] = None
     parse_policy: Optional[Literal["strict", "lenient"]] = None
+    on_failed_update: Optional[Literal["keep", "reset"]] = Field(
+        default=None, description="After an update with no usable notes: keep the context (default) or reset it.")
     prompt_set: Optional[PromptSetId] = Field(default=None, description="Prompt-set id.")
     context: Optional[SafeText] = Field(default=None, description="Initial context (version 0); empty when left out.")
 

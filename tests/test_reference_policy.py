@@ -1,0 +1,179 @@
+"""Reference note-writers and solvers (the ``--teacher oracle``) and the preference environment.
+
+A reference policy sees exactly what an agent sees. The leak tests give it a pack whose hidden
+facts differ from what was revealed, and check that the notes hold only what the feedback showed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lifecycle_agent import LifecycleAgent, envs, protocol
+from lifecycle_agent.errors import EnvironmentSpecError, ModelCallError
+from lifecycle_agent.models.teacher import ReferenceTeacher
+
+WITH_REFERENCE = ("fact-recall", "preference")
+
+
+def play_first_task(env, seed):
+    """Solve task 0 of a pack with the reference solver (empty notes); return (pack, task, update request)."""
+    pack = env.pack(seed, 4)
+    task = pack.tasks[0]
+    messages = protocol.solve_messages("", task.start(), "cod-v2", task.instructions)
+    reply = env.reference_reply("", messages)
+    result = task.step(reply)
+    transcript = protocol.render_transcript(messages + [{"role": "assistant", "content": reply}])
+    return pack, task, (transcript, result.reward, result.feedback)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fact_recall_notes_hold_the_revealed_code_and_no_hidden_one(seed):
+    env = envs.make("fact-recall", preset="hard")  # 3 items: two stay hidden after the first task
+    pack, task, (transcript, reward, feedback) = play_first_task(env, seed)
+    notes = env.reference_notes("", transcript, reward, feedback)
+    assert f"{task.item} is {task.code}" in notes
+    for item, code in pack.hidden["codes"].items():
+        if item != task.item:
+            assert item not in notes and code not in notes
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_preference_notes_hold_the_revealed_pick_and_no_hidden_one(seed):
+    env = envs.make("preference", preset="hard")  # 3 categories: two stay hidden after the first task
+    pack, task, (transcript, reward, feedback) = play_first_task(env, seed)
+    notes = env.reference_notes("", transcript, reward, feedback)
+    assert f"{task.category} {task.favourite}" in notes
+    for category, favourite in pack.hidden["favourites"].items():
+        if category != task.category:
+            assert category not in notes
+
+
+@pytest.mark.parametrize("name", WITH_REFERENCE)
+def test_notes_follow_the_feedback_not_the_pack(name):
+    """The writer reads text only: feedback about another pack's facts gives notes about those facts."""
+    env = envs.make(name)
+    _, _, (transcript, reward, _) = play_first_task(env, 3)
+    invented = ("Wrong: you answered 1. The secret code of the zebra is 4242." if name == "fact-recall"
+                else "Wrong: you chose tea. The guest picked the drink lemonade.")
+    notes = env.reference_notes("", transcript, reward, invented)
+    assert ("zebra is 4242" if name == "fact-recall" else "drink lemonade") in notes
+
+
+@pytest.mark.parametrize("name", WITH_REFERENCE)
+def test_notes_keep_older_facts_and_the_newest_feedback_wins(name):
+    env = envs.make(name)
+    if name == "fact-recall":
+        old = "- The secret code of the apple is 111.\n- The secret code of the pear is 222."
+        new = env.reference_notes(old, "t", 0.0, "Wrong: you answered 5. The secret code of the pear is 333.")
+        assert "apple is 111" in new and "pear is 333" in new and "222" not in new
+    else:
+        old = "- The guest picked the drink tea.\n- The guest picked the pet cat."
+        new = env.reference_notes(old, "t", 0.0, "Wrong: you chose cat. The guest picked the pet dog.")
+        assert "drink tea" in new and "pet dog" in new and "pet cat" not in new
+
+
+@pytest.mark.parametrize("name", WITH_REFERENCE)
+def test_the_reference_solver_answers_from_its_notes_only(name):
+    env = envs.make(name)
+    task = env.pack(11, 4).tasks[0]
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": task.start()}]
+    assert task.step(env.reference_reply("", messages)).reward in (0.0, 1.0)
+    right = (f"- The secret code of the {task.item} is {task.code}." if name == "fact-recall"
+             else f"- The guest picked the {task.category} {task.favourite}.")
+    assert task.step(env.reference_reply(right, messages)).reward == 1.0
+
+
+@pytest.mark.parametrize("name", WITH_REFERENCE)
+def test_the_teacher_through_the_agent_does_better_with_notes_than_without(name):
+    env = envs.make(name)
+    late = {}
+    for mode in ("live", "none"):
+        total = 0.0
+        for seed in range(12):
+            agent = LifecycleAgent(ReferenceTeacher(env, "cod-v2"), ":memory:", "t", prompt_set="cod-v2",
+                                   parse_policy="strict", context_mode=mode)
+            records = agent.run(env.pack(seed, 4).tasks, update_after_last=False).records
+            total += sum(r.reward for r in records[2:])
+            if mode == "live":
+                assert all(r.update_status == "ok" for r in records[:-1])
+        late[mode] = total / 24
+    assert late["live"] == 1.0 and late["none"] < 0.5
+
+
+def test_the_teacher_continues_a_prefilled_update():
+    env = envs.make("fact-recall")
+    teacher = ReferenceTeacher(env, "cod-v2")
+    messages = protocol.update_messages("", "Environment: q\nYou: 1", 0.0,
+                                        "Wrong: x. The secret code of the fig is 12.", 500, "cod-v2")
+    reply = teacher.generate(messages + [{"role": "assistant", "content": protocol.CONTEXT_BEGIN + "\n"}]).text
+    assert not reply.startswith(protocol.CONTEXT_BEGIN)
+    assert protocol.parse_update(protocol.CONTEXT_BEGIN + "\n" + reply, "strict", prefilled=True).text == \
+        "- The secret code of the fig is 12."
+
+
+def test_an_environment_without_a_reference_policy_cannot_teach():
+    with pytest.raises(ModelCallError, match="no reference note-writer"):
+        ReferenceTeacher(envs.make("terminal"))
+
+
+# ---------------------------------------------------------------- the preference environment
+@pytest.mark.parametrize("preset", ["train", "easy", "hard"])
+def test_preference_oracle_reaches_every_task(preset):
+    env = envs.make("preference", preset=preset)
+    for seed in range(20):
+        for task in env.pack(seed, 6).tasks:
+            assert envs.play_oracle(task).reward == 1.0
+
+
+def test_preference_is_deterministic_from_its_seed_and_shuffles_options_per_task():
+    env = envs.make("preference")
+    a, b = env.pack(5, 6), env.pack(5, 6)
+    assert [t.start() for t in a.tasks] == [t.start() for t in b.tasks]
+    first, third = a.tasks[0], a.tasks[2]
+    assert first.category == third.category and first.favourite == third.favourite
+    orders = {tuple(env.pack(s, 1).tasks[0].options).index(env.pack(s, 1).tasks[0].favourite) for s in range(30)}
+    assert len(orders) > 1  # the favourite is not always in the same place
+
+
+def test_preference_feedback_states_this_task_outcome_only():
+    env = envs.make("preference", preset="hard")
+    pack = env.pack(2, 3)
+    task = pack.tasks[0]
+    feedback = task.step("Answer: nothing").feedback
+    assert "none of the options" in feedback and task.favourite in feedback
+    for category in pack.hidden["categories"][1:]:
+        assert category not in feedback
+
+
+def test_preference_reads_the_answer_line_and_the_first_option_named():
+    task = envs.make("preference").pack(1, 1).tasks[0]
+    wrong = next(o for o in task.options if o != task.favourite)
+    assert task.step(f"I like {wrong}.\nAnswer: {task.favourite}").reward == 1.0
+    assert task.step(f"Answer: {wrong} or {task.favourite}").reward == 0.0
+
+
+@pytest.mark.parametrize("options", [{"categories": 0}, {"categories": 99}, {"options": 1}, {"options": "4"}, {"colour": 1}])
+def test_preference_bad_options_are_clear_errors(options):
+    with pytest.raises(EnvironmentSpecError, match="preference"):
+        envs.make("preference", **options)
+
+
+def test_the_scripted_model_answers_from_its_notes_beyond_numbers():
+    """``scripted`` picks the option its notes name (preference), not only numbers (fact-recall)."""
+    from lifecycle_agent.models.scripted import ScriptedModel
+
+    env = envs.make("preference")
+    rewards = []
+    for seed in range(6):
+        agent = LifecycleAgent(ScriptedModel(), ":memory:", "s")
+        rewards += [r.reward for r in agent.run(env.pack(seed, 4).tasks).records[2:]]
+    assert rewards == [1.0] * 12
+
+
+def test_the_scripted_model_takes_the_value_the_feedback_states_last():
+    from lifecycle_agent.models.scripted import lookup_answer
+
+    notes = "What is the code of the fig? -> Wrong: you answered 12. The secret code of the fig is 77."
+    messages = [{"role": "system", "content": f"## Hints\nnotes\n{notes}\n\nSolve."},
+                {"role": "user", "content": "What is the code of the fig?"}]
+    assert lookup_answer(messages).endswith("Answer: 77")
