@@ -110,13 +110,22 @@ def _close_quietly(flow: _Flow) -> None:
         log.warning("could not record the interrupted run: %s", exc)
 
 
+def _checked(reply: Any, model: ChatModel) -> Generation:
+    """A model's reply, checked before the flow stores anything of it (a :class:`ModelCallError` otherwise)."""
+    model_id = getattr(model, "model_id", type(model).__name__)
+    if not isinstance(reply, Generation):
+        raise ModelCallError(f"model {model_id} returned {type(reply).__name__}, not a Generation")
+    return reply.check(model_id)
+
+
 def drive(flow: _Flow, model: ChatModel) -> Any:
     """Run a loop generator to completion with blocking model calls."""
     try:
         call = next(flow)
         while True:
             try:
-                reply = model.generate(call.messages, temperature=call.temperature, max_new_tokens=call.max_new_tokens)
+                reply = _checked(model.generate(call.messages, temperature=call.temperature,
+                                                max_new_tokens=call.max_new_tokens), model)
             except ModelCallError as exc:
                 call = flow.throw(exc)
             except BaseException:
@@ -152,7 +161,8 @@ async def adrive(flow: _Flow, model: ChatModel, *, run_step: Optional[Callable[.
     while not done:
         call: ModelCall = value
         try:
-            reply = await model.agenerate(call.messages, temperature=call.temperature, max_new_tokens=call.max_new_tokens)
+            reply = _checked(await model.agenerate(call.messages, temperature=call.temperature,
+                                                   max_new_tokens=call.max_new_tokens), model)
         except ModelCallError as exc:
             done, value = await advance(flow.throw, exc)
         except BaseException:
@@ -700,6 +710,7 @@ class LifecycleAgent:
 
     def _after(self, result: RunResult, record: TaskRecord, on_record, fail_fast: bool) -> bool:
         result.records.append(record)
+        self.store.touch_run(result.run_id)
         if on_record is not None:
             on_record(record)
         if record.status == "failed":

@@ -23,6 +23,14 @@ class StoreLockedError(StoreError):
     """Another process held the write lock for longer than the busy timeout."""
 
 
+class AgentBusyError(StoreError):
+    """Another process is running the same agent (the message names its run and process)."""
+
+
+class StoreReadOnlyError(StoreError):
+    """The database file (or its directory) cannot be written."""
+
+
 class AgentNotFoundError(LifecycleAgentError, KeyError):
     """No agent with this id exists in the store."""
 

@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -24,18 +25,20 @@ from pydantic import BaseModel, Field, ValidationError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import (
+    AgentBusyError,
     AgentExistsError,
     AgentNotFoundError,
     ContextFormatError,
     SchemaVersionError,
     StoreError,
     StoreLockedError,
+    StoreReadOnlyError,
     VersionNotFoundError,
 )
 from .protocol import apply_budget, neutralize
 
 #: Schema version written by this release. Older databases are migrated on open.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Attempts at ``BEGIN IMMEDIATE`` before a write gives up; each waits up to the busy timeout.
 LOCK_ATTEMPTS = 3
 #: Seconds one attempt waits for another writer's lock.
@@ -214,7 +217,19 @@ CREATE INDEX IF NOT EXISTS idx_runs_agent ON runs (agent_id, started_at);
 
 #: Migrations from version N-1 to N, applied in order inside one transaction.
 #: Each takes the raw connection. Version 1 is the initial schema.
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1}
+#: Version 2: a run records the process that holds it (``host:pid``) and when it last finished a task,
+#: so a second process cannot run the same agent at once and a killed run is found and closed
+#: (``stale`` = 1: closed because its process was gone, not by the run itself).
+_SCHEMA_V2 = """
+ALTER TABLE runs ADD COLUMN holder TEXT;
+ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
+ALTER TABLE runs ADD COLUMN stale INTEGER NOT NULL DEFAULT 0
+"""
+
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+#: A run held by another host counts as dead when it has not finished a task for this long (seconds).
+RUN_LEASE_S = 900.0
 
 
 class Store:
@@ -256,6 +271,10 @@ class Store:
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self.conn.execute("PRAGMA foreign_keys = ON")
+            try:
+                self.close_dead_runs()  # runs a killed process left `running` become `interrupted`
+            except StoreReadOnlyError:
+                pass  # a read-only database stays readable; the next writer closes its dead runs
         except sqlite3.DatabaseError as exc:
             self.conn.close()
             raise StoreError(f"cannot open database {self.path}: {exc} (is it an SQLite file?)") from None
@@ -286,6 +305,13 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _raise_if_read_only(self, exc: sqlite3.OperationalError) -> None:
+        if "readonly" in str(exc).replace("-", "").replace(" ", ""):
+            raise StoreReadOnlyError(
+                f"database {self.path} is read-only ({exc}); check the permissions of the file and its "
+                "directory, or use another --db"
+            ) from None
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``): all or nothing, one writer at a time."""
@@ -314,8 +340,13 @@ class Store:
                             f"{self.busy_timeout:g} s each); retry later, or raise the busy timeout "
                             "(Store(busy_timeout=...), --busy-timeout)"
                         ) from None
+                    self._raise_if_read_only(exc)
                     raise StoreError(f"cannot write to database {self.path}: {exc}") from None
-                yield self.conn
+                try:
+                    yield self.conn
+                except sqlite3.OperationalError as exc:
+                    self._raise_if_read_only(exc)
+                    raise
             except BaseException:
                 if self.conn.in_transaction:
                     self.conn.execute("ROLLBACK")
@@ -362,8 +393,10 @@ class Store:
             )
         if current == SCHEMA_VERSION:
             return
-        tables = self.table_names()
-        if current == 0 and tables and "agents" not in tables:
+        tables = [t for t in self.table_names() if not t.startswith("sqlite_")]
+        if current == 0 and tables:
+            # a database with tables but no schema record of ours belongs to another application (even when it
+            # has a table called "agents"): refuse it before anything is written
             raise StoreError(
                 f"database {self.path} holds other tables ({', '.join(tables[:5])}) "
                 "and no lifecycle-agent schema; use a separate file"
@@ -699,20 +732,55 @@ class Store:
         return _episode_from_row(rows[0])
 
     def claim_feedback(self, episode_id: int, reward: float | None, feedback: str | None) -> bool:
-        """Attach late feedback to a solve episode once; ``False`` when it already had some."""
+        """Attach late feedback to a solve episode once; ``False`` when it already had some.
+
+        The claim records the process that holds it. A claim whose update episode never landed
+        because its process died (``kill -9`` during the update's model call) is taken over by
+        the next claim, so an acknowledged feedback is never lost and never applied twice.
+        """
         with self.transaction() as conn:
             row = conn.execute("SELECT metadata FROM episodes WHERE episode_id = ?", (int(episode_id),)).fetchone()
             if row is None:
                 raise KeyError(f"no episode {episode_id} in {self.path}")
             metadata = json.loads(row[0]) if row[0] else {}
-            if not metadata.get("awaiting_feedback"):
+            if not metadata.get("awaiting_feedback") and not self._claim_is_dead(conn, int(episode_id), metadata):
                 return False
             metadata["awaiting_feedback"] = False
+            metadata["feedback_claim"] = {"holder": run_holder(), "at": time.time()}
             conn.execute(
                 "UPDATE episodes SET reward = ?, feedback = ?, metadata = ?, completes_task = 1 WHERE episode_id = ?",
                 (reward, feedback, json.dumps(metadata, default=str), int(episode_id)),
             )
         return True
+
+    @staticmethod
+    def _claim_is_dead(conn: sqlite3.Connection, episode_id: int, metadata: dict) -> bool:
+        """A claim whose process is gone and whose update episode never landed."""
+        claim = metadata.get("feedback_claim")
+        if not isinstance(claim, dict) or not _holder_dead(claim.get("holder"), float(claim.get("at") or 0)):
+            return False
+        landed = conn.execute(
+            "SELECT 1 FROM episodes WHERE kind = 'update' AND json_extract(metadata, '$.solve_episode_id') = ? LIMIT 1",
+            (episode_id,),
+        ).fetchone()
+        return landed is None
+
+    def release_dead_claims(self) -> int:
+        """Release every feedback claim whose process died before its update landed (a server calls it at start);
+        returns how many. The completion can then be rated again."""
+        rows = self._read(
+            "SELECT episode_id, metadata FROM episodes WHERE kind = 'solve' AND json_extract(metadata, '$.feedback_claim') "
+            "IS NOT NULL AND json_extract(metadata, '$.awaiting_feedback') = 0"
+        )
+        released = 0
+        for row in rows:
+            with self.transaction() as conn:  # re-read inside: another replica may have taken it over meanwhile
+                current = conn.execute("SELECT metadata FROM episodes WHERE episode_id = ?", (row["episode_id"],)).fetchone()
+                metadata = json.loads(current[0]) if current and current[0] else {}
+                if not metadata.get("awaiting_feedback") and self._claim_is_dead(conn, row["episode_id"], metadata):
+                    self.release_feedback(row["episode_id"])  # joins this transaction
+                    released += 1
+        return released
 
     def release_feedback(self, episode_id: int) -> None:
         """Undo :meth:`claim_feedback` when the update it was for did not happen."""
@@ -757,15 +825,43 @@ class Store:
 
     # ---------------------------------------------------------------- runs
     def start_run(self, run_id: str, agent_id: str, *, source: str | None = None, options: dict | None = None) -> None:
+        """Record a run of ``agent_id`` held by this process.
+
+        One process at a time runs an agent: a run of the same agent still held by another live process
+        raises :class:`AgentBusyError` naming it (runs nested in one process, such as a Ralph loop's
+        iterations, are fine). Runs left ``running`` by a process that died are closed as ``interrupted``
+        first (see :meth:`close_dead_runs`).
+        """
+        holder, now = run_holder(), time.time()
         with self.transaction() as conn:
+            self._close_dead_runs(conn, agent_id)
+            for other in conn.execute(
+                "SELECT run_id, holder, started_at FROM runs WHERE agent_id = ? AND status = 'running' AND run_id != ?",
+                (agent_id, run_id),
+            ).fetchall():
+                if other[1] and other[1] != holder:
+                    started = datetime.datetime.fromtimestamp(other[2]).strftime("%Y-%m-%d %H:%M:%S")
+                    raise AgentBusyError(
+                        f"agent {agent_id!r} is being run by run {other[0]} (process {other[1]}, started {started}); "
+                        "wait for it to finish or stop it, or use another --agent"
+                    )
             exists = conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if exists:
-                conn.execute("UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", (run_id,))
+                conn.execute(
+                    "UPDATE runs SET status = 'running', finished_at = NULL, holder = ?, heartbeat_at = ? WHERE run_id = ?",
+                    (holder, now, run_id),
+                )
             else:
                 conn.execute(
-                    "INSERT INTO runs (run_id, agent_id, started_at, status, source, options) VALUES (?, ?, ?, 'running', ?, ?)",
-                    (run_id, agent_id, time.time(), source, json.dumps(options or {}, sort_keys=True, default=str)),
+                    "INSERT INTO runs (run_id, agent_id, started_at, status, source, options, holder, heartbeat_at) "
+                    "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                    (run_id, agent_id, now, source, json.dumps(options or {}, sort_keys=True, default=str), holder, now),
                 )
+
+    def touch_run(self, run_id: str) -> None:
+        """The run is alive: it just finished a task (the lease other hosts check)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ?", (time.time(), run_id))
 
     def finish_run(self, run_id: str, status: str, n_done: int, n_failed: int) -> None:
         with self.transaction() as conn:
@@ -774,8 +870,57 @@ class Store:
                 (status, time.time(), n_done, n_failed, run_id),
             )
 
+    def close_dead_runs(self, agent_id: Optional[str] = None) -> int:
+        """Mark runs whose process died (``kill -9``, a crash) ``interrupted``, with the tasks they really
+        completed; returns how many. Runs on this host are checked by process id, runs of other hosts by
+        their last heartbeat (:data:`RUN_LEASE_S`)."""
+        rows = self._read("SELECT holder, heartbeat_at, started_at FROM runs WHERE status = 'running'")
+        if not any(_holder_dead(r["holder"], r["heartbeat_at"] or r["started_at"]) for r in rows):
+            return 0  # the common case: no write transaction at all
+        with self.transaction() as conn:
+            return self._close_dead_runs(conn, agent_id)
+
+    def _close_dead_runs(self, conn: sqlite3.Connection, agent_id: Optional[str]) -> int:
+        sql = "SELECT run_id, holder, heartbeat_at, started_at FROM runs WHERE status = 'running'"
+        rows = conn.execute(sql + (" AND agent_id = ?" if agent_id else ""), (agent_id,) if agent_id else ()).fetchall()
+        closed = 0
+        for run_id, holder, heartbeat_at, started_at in rows:
+            if not _holder_dead(holder, heartbeat_at or started_at):
+                continue
+            done, failed = conn.execute(
+                "SELECT COALESCE(SUM(status != 'failed'), 0), COALESCE(SUM(status = 'failed'), 0) FROM episodes "
+                "WHERE run_id = ? AND completes_task = 1", (run_id,),
+            ).fetchone()
+            conn.execute(
+                "UPDATE runs SET status = 'interrupted', stale = 1, finished_at = COALESCE(heartbeat_at, started_at), "
+                "n_done = ?, n_failed = ? WHERE run_id = ?", (done, failed, run_id),
+            )
+            closed += 1
+        return closed
+
     def runs(self, agent_id: str) -> list[dict[str, Any]]:
         return self._read("SELECT * FROM runs WHERE agent_id = ? ORDER BY started_at", (agent_id,))
+
+
+def run_holder() -> str:
+    """This process, as runs record it: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _holder_dead(holder: Optional[str], last_seen: float) -> bool:
+    """Whether the process holding a run is gone (runs from before schema 2 have no holder: never judged)."""
+    if not holder:
+        return False
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - last_seen > RUN_LEASE_S
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 class ContextConflictError(StoreError):

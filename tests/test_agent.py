@@ -684,3 +684,22 @@ def test_a_pack_prints_what_it_is():
     from lifecycle_agent import envs
 
     assert repr(envs.make("fact-recall").pack(7, 4)) == "<Pack fact-recall/train/s7/cod4: 4 task(s) of fact-recall (cod packing)>"
+
+
+# ---------------------------------------------------------------- replies are checked before anything is stored
+@pytest.mark.parametrize("reply,field", [
+    ({"text": "hi", "prompt_tokens": "lots"}, "prompt_tokens"),
+    ({"text": "hi", "completion_tokens": -3}, "completion_tokens"),
+    ({"text": "hi", "completion_ids": [1, "x"]}, "completion_ids"),
+    ({"text": "hi", "logprobs": [float("nan")]}, "logprobs"),
+    ({"text": "hi", "finish_reason": 7}, "finish_reason"),
+])
+def test_a_malformed_model_reply_fails_its_task_and_stores_nothing_of_it(make_agent, reply, field):
+    agent = make_agent(model=lambda messages: reply)
+    result = agent.run([Task(prompt="q1", answer="1", id="t1"), Task(prompt="q2", answer="1", id="t2")])
+    assert [r.status for r in result.records] == ["failed", "failed"]
+    assert f"invalid reply: {field} must be" in result.records[0].error
+    episodes = agent.episodes()  # the store stays readable
+    assert all(e.prompt_tokens is None and e.turns == [] for e in episodes)
+    agent2 = make_agent(model=two_step_model(), agent_id=agent.agent_id)
+    assert [r.status for r in agent2.run([Task(prompt="q3", answer="1", id="t3")]).records] == ["ok"]

@@ -448,3 +448,11 @@ def test_eval_at_80_columns_prints_means_and_a_piped_eval_prints_progress_lines(
                            "--out", tmp_path / "ev", "--no-plot", "--modes", "live,none")
     assert code == 0 and max(map(len, out.splitlines())) <= 80 and "pos 2" in out
     assert "eval: 12/12 tasks" in err  # captured output is not a terminal: progress comes as lines
+
+
+def test_context_import_of_deeply_nested_json_is_a_clear_error(cli, tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    db = tmp_path / "d.db"
+    code, _, err = cli("context", "import", path, "--db", db)
+    assert code == 2 and "nested too deeply" in err and "Traceback" not in err and not db.exists()

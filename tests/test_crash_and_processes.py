@@ -84,3 +84,114 @@ def test_two_processes_write_one_database_without_lock_errors(tmp_path):
     conn = sqlite3.connect(db)
     counts = dict(conn.execute("SELECT agent_id, COUNT(*) FROM episodes GROUP BY agent_id").fetchall())
     assert counts["p0"] == 80 and counts["p1"] == 80
+
+
+def test_a_second_run_of_the_same_agent_stops_at_once_naming_the_holder(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps({"prompt": f"task number {i}", "answer": "1", "id": f"t{i}"}) for i in range(20)))
+    db = str(tmp_path / "lease.db")
+    first = subprocess.Popen(_cmd(db, tasks, agent="busy"), env=_env(0.2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while _completed(db, "busy") < 1 and time.time() < deadline:
+            if first.poll() is not None:
+                pytest.fail(f"run ended early: {first.stderr.read().decode()}")
+            time.sleep(0.05)
+        second = subprocess.run(_cmd(db, tasks, agent="busy"), env=_env(0), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        message = " ".join(second.stderr.split())
+        assert "agent 'busy' is being run by run" in message and f":{first.pid}" in message
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    rerun = subprocess.run(_cmd(db, tasks, agent="busy"), env=_env(0), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    conn = sqlite3.connect(db)
+    solves = conn.execute("SELECT task_id, COUNT(*) FROM episodes WHERE kind = 'solve' GROUP BY task_id").fetchall()
+    assert len(solves) == 20 and all(count == 1 for _, count in solves)  # no task solved twice
+    statuses = [r[0] for r in conn.execute("SELECT status FROM runs ORDER BY started_at")]
+    assert statuses[0] == "interrupted" and statuses[-1] == "completed"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(db, port, delay):
+    env = _env(0)
+    env["SLOW_UPDATE_DELAY"] = str(delay)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lifecycle_agent", "serve", "--db", db, "--model", "py:slow_model:slow_update",
+         "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _request(port, method, path, body=None, timeout=30):
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def _wait_up(port, proc):
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server ended: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if _request(port, "GET", "/v1/agents", timeout=2)[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail("the server did not start")
+
+
+def test_feedback_whose_server_died_during_its_update_can_be_given_again_and_lands_once(tmp_path):
+    pytest.importorskip("fastapi")
+    import threading
+
+    db, port = str(tmp_path / "serve.db"), _free_port()
+    server = _serve(db, port, delay=3)
+    try:
+        _wait_up(port, server)
+        assert _request(port, "POST", "/v1/agents", {"agent_id": "shop"})[0] == 201
+        status, reply = _request(port, "POST", "/v1/chat/completions",
+                                 {"model": "shop", "messages": [{"role": "user", "content": "What is the code of the fig?"}]})
+        assert status == 200
+        rating = {"completion_id": reply["id"], "reward": 0.0, "feedback": "The code of the fig is 77."}
+        def rate_and_lose_the_answer():
+            try:
+                _request(port, "POST", "/v1/agents/shop/feedback", rating)
+            except OSError:
+                pass  # the server is killed while this request waits: the client sees a broken connection
+
+        threading.Thread(target=rate_and_lose_the_answer, daemon=True).start()
+        time.sleep(1.0)  # inside the update's 3 s model call
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    server = _serve(db, port, delay=0)
+    try:
+        _wait_up(port, server)
+        status, context = _request(port, "POST", "/v1/agents/shop/feedback", rating)
+        assert status == 200, context
+        assert context["version"] == 1 and "77" in context["text"]
+        assert _request(port, "POST", "/v1/agents/shop/feedback", rating)[0] == 409  # and only once
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM contexts WHERE agent_id = 'shop'").fetchone()[0] == 2  # v0 and v1
+    assert conn.execute("SELECT COUNT(*) FROM episodes WHERE kind = 'update' AND status = 'ok'").fetchone()[0] == 1

@@ -1042,3 +1042,11 @@ def test_builtin_agent_runs_an_iteration_with_the_real_smollm2(repo):
     with Store(result.db) as store:
         solve = store.episodes("ralph", kind="solve", task_id="iter-1")[0]
     assert solve.model_id == "smollm2" and solve.turns[0]["completion_ids"]
+
+
+def test_an_agent_command_that_leaves_a_background_child_does_not_hold_the_iteration(repo):
+    started = time.monotonic()
+    result = run_loop(repo, check=CHECK, agent_cmd="(while true; do sleep 1; done) & echo started", max_iterations=1,
+                      max_minutes=2)
+    assert time.monotonic() - started < 30  # the iteration ended with the agent, not at --max-minutes
+    assert result.stop_reason == "max_iterations" and len(result.iterations) == 1

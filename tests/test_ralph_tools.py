@@ -325,3 +325,70 @@ def test_a_recorded_group_id_now_used_by_a_newer_process_is_left_alone(tmp_path)
         assert proc.poll() is None and said == []
     finally:
         proc.kill()
+
+
+# ---------------------------------------------------------------- hostile repositories and patterns
+def test_a_catastrophic_regex_is_stopped_within_the_search_time_limit(tools, root, monkeypatch):
+    import time
+
+    from lifecycle_agent.ralph import tools as tools_module
+
+    monkeypatch.setattr(tools_module, "SEARCH_TIMEOUT_S", 0.5)
+    (root / "evil.txt").write_text("a" * 40 + "b\n")
+    assert call(tools, "search", pattern="(a+)+$", path="evil.txt", regex=True).startswith("no match")  # fast here
+    started = time.monotonic()
+    out = call(tools, "search", pattern="(a|aa)+$", path="evil.txt", regex=True)  # exponential backtracking
+    assert time.monotonic() - started < 5
+    assert out.startswith("error:") and "took more than 0.5 s" in out
+
+
+def test_a_plain_regex_search_still_finds_lines(tools):
+    assert "src/app.py:1: def main():" in call(tools, "search", pattern=r"def \w+\(", regex=True)
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("read_file", {"path": "loop"}), ("list_files", {"path": "loop"}), ("search", {"pattern": "x", "path": "loop"}),
+    ("write_file", {"path": "loop/x.txt", "content": "x"}), ("search", {"pattern": "hello"}),
+])
+def test_a_symlink_loop_is_an_error_the_agent_sees_not_the_end_of_the_loop(tools, root, tool, args):
+    import os
+
+    os.symlink("loop", root / "loop")
+    subprocess.run(["git", "add", "loop"], cwd=root, check=True)
+    out = call(tools, tool, **args)
+    assert isinstance(out, str)
+    if tool == "search" and args["pattern"] == "hello":
+        assert "README.md:1: hello" in out  # the loop is skipped, the rest is searched
+    else:
+        assert out.startswith("error:") and "loop" in out
+
+
+def test_a_command_that_leaves_a_background_child_ends_when_it_ends(tools, root):
+    import time
+
+    started = time.monotonic()
+    out = call(tools, "run_command", command="(while true; do sleep 1; done) & echo started")
+    assert time.monotonic() - started < 4  # not the 5 s tool limit
+    assert "started" in out and "left background processes running; they were stopped" in out
+    assert "timed out" not in out
+
+
+def test_run_shell_stops_what_a_finished_command_left_in_its_group(tmp_path):
+    import time
+
+    from lifecycle_agent.ralph.shell import run_shell
+
+    started = time.monotonic()
+    result = run_shell("sleep 31.25 & echo done", tmp_path, timeout=20)
+    assert time.monotonic() - started < 3 and result.passed and result.stopped_background
+    assert "done" in result.output
+    left = subprocess.run(["pgrep", "-f", "sleep 31.25"], capture_output=True, text=True).stdout.split()
+    assert left == []  # the background sleep was stopped with its group
+
+
+def test_run_shell_still_reads_every_line_of_a_chatty_command(tmp_path):
+    from lifecycle_agent.ralph.shell import run_shell
+
+    result = run_shell("for i in $(seq 1 20000); do echo line $i; done", tmp_path, timeout=30)
+    assert result.passed and result.output.count("\n") >= 19_999 and "line 20000" in result.output
+    assert not result.stopped_background

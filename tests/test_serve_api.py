@@ -992,3 +992,28 @@ async def test_shutdown_waits_for_an_episode_whose_client_hung_up(make_app, stor
         assert app.state.service.in_flight == 1
     assert app.state.service.in_flight == 0
     assert store.count_episodes(store.list_agents()[0].agent_id, "solve") == 1
+
+
+async def test_a_read_only_database_answers_503_not_500(make_app, store):
+    async with serving(make_app()) as c:
+        store.conn.execute("PRAGMA query_only = ON")
+        try:
+            r = await c.post("/v1/agents", json={"agent_id": "ro"})
+        finally:
+            store.conn.execute("PRAGMA query_only = OFF")
+    assert r.status_code == 503 and "read-only" in r.json()["error"]["message"]
+    assert not store.has_agent("ro")
+
+
+async def test_a_model_reply_with_malformed_token_counts_never_breaks_the_agent(make_app, store):
+    from lifecycle_agent.models.python import CallableModel
+
+    bad = CallableModel(lambda messages: {"text": "hi", "prompt_tokens": "lots"}, model_id="py:bad")
+    async with serving(make_app(model=bad)) as c:
+        await new_agent(c)
+        r = await c.post("/v1/chat/completions", json={"model": "bot", "messages": [{"role": "user", "content": APPLE}]})
+        assert r.status_code == 502 and "prompt_tokens must be" in r.json()["error"]["message"]
+        assert (await c.get("/v1/agents/bot/episodes")).status_code == 200
+    async with serving(make_app()) as c:  # the same agent with a working model
+        await ask(c)
+        assert (await c.get("/v1/agents/bot/episodes")).status_code == 200

@@ -189,10 +189,11 @@ def test_older_schema_is_migrated_in_place_keeping_data(db_path, monkeypatch):
     s.create_agent("old")
     s.write_context("old", "kept", source="edit")
     s.close()
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(store_module.MIGRATIONS, 2, "ALTER TABLE agents ADD COLUMN label TEXT")
+    following = store_module.SCHEMA_VERSION + 1
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", following)
+    monkeypatch.setitem(store_module.MIGRATIONS, following, "ALTER TABLE agents ADD COLUMN label TEXT")
     migrated = Store(db_path)
-    assert migrated.schema_version() == 2 and migrated.head("old").text == "kept"
+    assert migrated.schema_version() == following and migrated.head("old").text == "kept"
     assert "label" in migrated.db["agents"].columns_dict
 
 
@@ -355,3 +356,145 @@ def test_import_refuses_invalid_settings(store, settings, match):
     data["settings"] = settings
     with pytest.raises(ContextFormatError, match=match):
         store.import_agent(data, "new")
+
+
+def test_a_foreign_database_with_its_own_agents_table_is_refused_untouched(tmp_path):
+    import sqlite3
+
+    from lifecycle_agent.errors import StoreError
+
+    path = tmp_path / "foreign.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE agents (name TEXT)")
+    con.execute("INSERT INTO agents VALUES ('alice')")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="holds other tables"):
+        Store(str(path))
+    con = sqlite3.connect(path)
+    assert [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["agents"]
+    con.close()
+
+
+def test_a_read_only_database_is_a_clear_error(tmp_path):
+    from lifecycle_agent.errors import StoreReadOnlyError
+
+    store = Store(str(tmp_path / "ro.db"))
+    store.create_agent("a")
+    store.conn.execute("PRAGMA query_only = ON")  # what a file without write permission gives
+    with pytest.raises(StoreReadOnlyError, match="is read-only"):
+        store.create_agent("b")
+    store.conn.execute("PRAGMA query_only = OFF")
+    assert not store.has_agent("b") and store.has_agent("a")
+    store.close()
+
+
+def test_run_on_a_read_only_database_exits_2_naming_the_file(tmp_path, capsys, monkeypatch):
+    from lifecycle_agent.cli import main
+
+    db = tmp_path / "ro.db"
+    Store(str(db)).close()
+    real_init = Store.__init__
+
+    def read_only(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.conn.execute("PRAGMA query_only = ON")
+
+    monkeypatch.setattr(Store, "__init__", read_only)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--env", "fact-recall", "-n", "1", "--model", "scripted", "--db", str(db)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is read-only" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- one process runs an agent; dead runs are closed
+def _foreign_run(store, run_id, agent_id, pid, *, heartbeat=None):
+    """A run row as another process on this host (``pid``) would have written it."""
+    import socket
+    import time
+
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO runs (run_id, agent_id, started_at, status, holder, heartbeat_at) VALUES (?, ?, ?, 'running', ?, ?)",
+            (run_id, agent_id, time.time(), f"{socket.gethostname()}:{pid}", heartbeat or time.time()),
+        )
+
+
+def test_a_second_process_cannot_run_an_agent_that_a_live_process_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from lifecycle_agent import LifecycleAgent, Task
+    from lifecycle_agent.errors import AgentBusyError
+
+    db = str(tmp_path / "a.db")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with Store(db) as store:
+            store.create_agent("a")
+            _foreign_run(store, "other-run", "a", holder.pid)
+        agent = LifecycleAgent(lambda m: "Answer: 1", db, "a")
+        with pytest.raises(AgentBusyError, match=rf"run other-run \(process .*:{holder.pid}"):
+            agent.run([Task(prompt="q", answer="1", id="t1")])
+        assert agent.episodes() == []  # nothing done twice
+        agent.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    with LifecycleAgent(lambda m: "Answer: 1", db, "a") as agent:  # the holder is gone: its run is closed
+        assert agent.run([Task(prompt="q", answer="1", id="t1")]).records[0].reward == 1.0
+        statuses = {r["run_id"]: r["status"] for r in agent.store.runs("a")}
+    assert statuses["other-run"] == "interrupted"
+
+
+def test_a_killed_run_is_marked_interrupted_with_its_real_counts_at_the_next_open(tmp_path):
+    import subprocess
+    import sys
+
+    db = str(tmp_path / "k.db")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with Store(db) as store:
+        store.create_agent("a")
+        _foreign_run(store, "killed", "a", dead.pid)
+        for i, status in enumerate(["ok", "ok", "failed"]):
+            store.record_episode(agent_id="a", run_id="killed", kind="solve", task_id=f"t{i}", messages=[],
+                                 status=status, completes_task=True)
+    with Store(db) as store:
+        (run,) = store.runs("a")
+    assert run["status"] == "interrupted" and (run["n_done"], run["n_failed"]) == (2, 1)
+
+
+def test_a_run_of_another_host_is_closed_only_after_its_lease(tmp_path, monkeypatch):
+    import time
+
+    from lifecycle_agent import store as store_module
+
+    db = str(tmp_path / "h.db")
+    with Store(db) as store:
+        store.create_agent("a")
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO runs (run_id, agent_id, started_at, status, holder, heartbeat_at) "
+                         "VALUES ('far', 'a', ?, 'running', 'other-host:1', ?)", (time.time(), time.time() - 60))
+    with Store(db) as store:
+        assert store.runs("a")[0]["status"] == "running"  # heartbeat a minute old: still leased
+    monkeypatch.setattr(store_module, "RUN_LEASE_S", 30.0)
+    with Store(db) as store:
+        assert store.runs("a")[0]["status"] == "interrupted"
+
+
+def test_a_run_closed_because_its_process_died_is_marked_stale(tmp_path):
+    import subprocess
+    import sys
+
+    db = str(tmp_path / "s.db")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with Store(db) as store:
+        store.create_agent("a")
+        _foreign_run(store, "killed", "a", dead.pid)
+        store.start_run("mine", "a")
+        store.finish_run("mine", "interrupted", 0, 0)
+    with Store(db) as store:
+        stale = {r["run_id"]: r["stale"] for r in store.runs("a")}
+    assert stale == {"killed": 1, "mine": 0}

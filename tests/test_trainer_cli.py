@@ -30,7 +30,7 @@ def cli(capsys, monkeypatch):
 
 def test_lora_flag_is_required(cli, tmp_path):
     code, _, err = cli("train", "--output", tmp_path / "o")
-    assert code == 2 and "pass --lora" in err
+    assert code == 2 and "pass exactly one of --lora" in err
 
 
 @pytest.mark.parametrize(

@@ -59,8 +59,22 @@ def test_scripted_note_taker_scores_after_the_first_task():
     assert rollout.update_rewards == [0.0, 0.0]
 
 
-def test_update_without_delimiters_gets_the_parse_penalty():
+def test_update_without_delimiters_gets_the_parse_penalty_and_resets_the_context():
     (rollout,) = collector(TokenScriptedModel(update_format=False)).collect([PackSpec("fact-recall", "easy", 3)])
+    assert [e.status for e in rollout.updates] == ["failed", "failed"]  # strict parsing, the training default
+    assert rollout.update_rewards == [-0.1, -0.1]
+    assert rollout.solve_rewards[1] == 0.0  # the context was reset to "No notes available.": the bad update cost
+    with Store(":memory:") as store:
+        c = collector(TokenScriptedModel(update_format=False), store=store)
+        (again,) = c.collect([PackSpec("fact-recall", "easy", 3)])
+        rows = store.episodes(again.agent_id, kind="update", limit=None)
+        assert [r.metadata["on_failed_update"] for r in rows] == ["reset", "reset"]
+        assert store.head(again.agent_id).text == "No notes available."
+
+
+def test_lenient_keep_rollouts_penalise_a_format_miss_but_keep_its_note():
+    c = collector(TokenScriptedModel(update_format=False), parse_policy="lenient", on_failed_update="keep")
+    (rollout,) = c.collect([PackSpec("fact-recall", "easy", 3)])
     assert [e.status for e in rollout.updates] == ["format_miss", "format_miss"]
     assert rollout.update_rewards == [-0.1, -0.1]
     assert rollout.solve_rewards[1] == 1.0  # lenient parsing still kept the note
@@ -150,7 +164,8 @@ def test_rollout_metrics_report_reward_by_position_and_parse_failures():
     good = collector(TokenScriptedModel()).collect([PackSpec("fact-recall", "easy", 3)])
     bad = collector(TokenScriptedModel(update_format=False)).collect([PackSpec("fact-recall", "easy", 3)])
     metrics = rollout_metrics([summarize(r) for r in good + bad])
-    assert metrics["reward/fact-recall/pos0"] == 0.0 and metrics["reward/fact-recall/pos2"] == 1.0
+    # the bad rollout's failed updates reset its context, so only the good one scores at position 2
+    assert metrics["reward/fact-recall/pos0"] == 0.0 and metrics["reward/fact-recall/pos2"] == 0.5
     assert metrics["update/parse_failure_rate"] == 0.5
-    assert metrics["update/format_miss_rate"] == 0.5
+    assert metrics["update/format_miss_rate"] == 0.0  # strict parsing: a reply without a block is failed
     assert metrics["tokens/completion"] > 0

@@ -208,6 +208,11 @@ def import_(
         data = json.loads(_read_text(file, "export file"))
     except json.JSONDecodeError as exc:
         raise ContextFormatError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ContextFormatError(
+            f"{file}: the JSON is nested too deeply to be an export file (an export is an object of settings "
+            "and a list of versions)"
+        ) from None
     info = open_store(db, busy_timeout, create=True).import_agent(data, agent)
     if as_json:
         print_json(info.model_dump())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,6 +27,40 @@ class Generation:
     logprobs: Optional[list[float]] = None
     finish_reason: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, model_id: str) -> "Generation":
+        """``self`` when every field has the type the runtime stores; else a :class:`ModelCallError` saying which.
+
+        The runtime checks every reply before anything is stored, so a model (or adapter) that reports,
+        say, ``prompt_tokens="lots"`` fails its task with a clear message instead of corrupting the store.
+        """
+        from ..errors import ModelCallError
+
+        def bad(field_name: str, expected: str) -> ModelCallError:
+            value = getattr(self, field_name)
+            return ModelCallError(
+                f"model {model_id} returned an invalid reply: {field_name} must be {expected}, got {value!r:.80}"
+            )
+
+        if not isinstance(self.text, str):
+            raise bad("text", "a string")
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise bad(name, "a whole number >= 0 or null")
+        for name in ("prompt_ids", "completion_ids"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in value)):
+                raise bad(name, "a list of whole numbers or null")
+        if self.logprobs is not None and (not isinstance(self.logprobs, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in self.logprobs)):
+            raise bad("logprobs", "a list of finite numbers or null")
+        if self.finish_reason is not None and not isinstance(self.finish_reason, str):
+            raise bad("finish_reason", "a string or null")
+        if not isinstance(self.extra, dict):
+            raise bad("extra", "a dict")
+        return self
 
     def turn_record(self) -> dict[str, Any]:
         """What the store keeps for this call (token ids and log-probs only when present)."""

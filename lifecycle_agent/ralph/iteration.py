@@ -172,7 +172,7 @@ class MeteredModel(ChatModel):
         if cap == 0:
             return Generation("", prompt_tokens=0, completion_tokens=0, finish_reason=TOKEN_LIMIT_FINISH)
         reply = self.inner.generate(messages, temperature=temperature, max_new_tokens=cap)
-        self.meter.add(reply, messages)
+        self.meter.add(reply.check(getattr(self.inner, "model_id", "model")), messages)
         return reply
 
     async def agenerate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
@@ -180,7 +180,7 @@ class MeteredModel(ChatModel):
         if cap == 0:
             return Generation("", prompt_tokens=0, completion_tokens=0, finish_reason=TOKEN_LIMIT_FINISH)
         reply = await self.inner.agenerate(messages, temperature=temperature, max_new_tokens=cap)
-        self.meter.add(reply, messages)
+        self.meter.add(reply.check(getattr(self.inner, "model_id", "model")), messages)
         return reply
 
     def close(self) -> None:

@@ -31,6 +31,8 @@ from typing import Callable, Optional
 
 #: Seconds a process group gets between SIGTERM and SIGKILL (and after SIGKILL to be gone).
 KILL_GRACE_S = 2.0
+#: How long output is still read after a command ended (its last writes), seconds.
+OUTPUT_GRACE_S = 0.5
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _DURATION = re.compile(r"\b\d+(?:\.\d+)?\s*(?:s|ms|sec|secs|seconds)\b")
@@ -56,6 +58,8 @@ class CommandResult:
     timed_out: bool
     duration_s: float
     timeout_s: float
+    stopped_background: bool = False
+    """The command ended but left processes of its group running (``cmd &``); they were stopped."""
 
     @property
     def passed(self) -> bool:
@@ -301,31 +305,85 @@ def run_shell(
     if record is not None:
         record.add(proc.pid, command)
     data = stdin_text.encode("utf-8") if stdin_text is not None else None
-    timed_out = False
+    timed_out = background = False
     try:
-        try:
-            out, err = proc.communicate(input=data, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            stop_group(proc.pid, proc)
-            try:
-                out, err = proc.communicate(timeout=KILL_GRACE_S)
-            except subprocess.TimeoutExpired:  # a grandchild left its own group and holds the pipe
-                out, err = b"", b""
-        gone = not _group_alive(proc.pid) or stop_group(proc.pid, proc)  # background processes it left
+        out, err, timed_out = _collect(proc, data, started + timeout, separate_stderr)
+        background = _group_alive(proc.pid)
+        gone = not background or stop_group(proc.pid, proc)  # background processes it left (`cmd &`)
     except BaseException:
         gone = stop_group(proc.pid, proc)
         if gone and record is not None:
             record.remove(proc.pid)
         raise
+    finally:
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                stream.close()
     if gone and record is not None:
         record.remove(proc.pid)
+    output = clean(out)
+    if background and not timed_out:
+        output += "\n[the command left background processes running; they were stopped]"
     return CommandResult(
         command=command,
         exit_code=None if timed_out else proc.returncode,
-        output=clean(out or b""),
-        stderr=clean(err or b"") if separate_stderr else "",
+        output=output,
+        stderr=clean(err) if separate_stderr else "",
         timed_out=timed_out,
         duration_s=time.monotonic() - started,
         timeout_s=timeout,
+        stopped_background=background and not timed_out,
     )
+
+
+def _collect(proc: subprocess.Popen, data: Optional[bytes], deadline: float, separate_stderr: bool):
+    """Read the command's output until it ends, then ``OUTPUT_GRACE_S`` more; stop its group at ``deadline``.
+
+    Unlike ``communicate()`` this does not wait for the end of the pipes: a background process the
+    command started (``cmd &``) holds them open for as long as it runs. Returns ``(out, err, timed_out)``.
+    """
+    import selectors
+    import threading
+
+    if data is not None and proc.stdin is not None:
+        def feed() -> None:
+            try:
+                proc.stdin.write(data)
+                proc.stdin.close()
+            except (BrokenPipeError, OSError, ValueError):
+                pass  # the command ended without reading its input: nothing more to give it
+
+        threading.Thread(target=feed, daemon=True).start()
+    sinks = {proc.stdout: bytearray()}
+    if separate_stderr:
+        sinks[proc.stderr] = bytearray()
+    selector = selectors.DefaultSelector()
+    for stream in sinks:
+        selector.register(stream, selectors.EVENT_READ)
+    timed_out, ended_at, stop_at = False, None, deadline
+    try:
+        while selector.get_map():
+            now = time.monotonic()
+            if ended_at is None and proc.poll() is not None:
+                ended_at, stop_at = now, min(stop_at, now + OUTPUT_GRACE_S)
+            if now >= stop_at:
+                if ended_at is not None or timed_out:
+                    break  # ended (what is still open belongs to processes it left), or stopped and given its grace
+                timed_out = True
+                stop_group(proc.pid, proc)
+                stop_at = now + KILL_GRACE_S
+                continue
+            for key, _ in selector.select(timeout=min(0.05, max(stop_at - now, 0.001))):
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    sinks[key.fileobj] += chunk
+                else:
+                    selector.unregister(key.fileobj)
+    finally:
+        selector.close()
+    if proc.poll() is None:
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    return bytes(sinks[proc.stdout]), bytes(sinks.get(proc.stderr, b"")), timed_out

@@ -198,7 +198,8 @@ def lock_held(path: Path) -> bool:
 def _runs(store: Store, agent_id: str, running: bool) -> list[RunInfo]:
     """The loop's runs; one stored as unfinished is running only while the lock is held (the newest one then)."""
     runs = [
-        RunInfo(run_id=r["run_id"], started_at=r["started_at"], finished_at=r["finished_at"], stop_reason=r["status"])
+        RunInfo(run_id=r["run_id"], started_at=r["started_at"], finished_at=r["finished_at"], stop_reason=r["status"],
+                stale=bool(r.get("stale")))  # closed by the store because its process was gone
         for r in store.runs(agent_id)
         if r.get("source") == "ralph"
     ]

@@ -38,6 +38,8 @@ PROTECTED = (".git", STATE_DIR)
 MAX_SEARCH_FILE_BYTES = 1_000_000
 MAX_LIST_ENTRIES = 300
 MAX_SEARCH_MATCHES = 100
+#: Longest a search may take, seconds (a regular expression that backtracks forever is stopped).
+SEARCH_TIMEOUT_S = 5.0
 
 DONE = "done"
 
@@ -261,7 +263,10 @@ class RepoTools:
         parts = Path(raw).parts
         if ".." in parts:
             raise ToolError(f"path {raw!r} refused: '..' is not allowed; give a path inside the repository")
-        real = (self.root / raw).resolve()
+        try:
+            real = (self.root / raw).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop ("Symlink loop from ..."), an unreadable link
+            raise ToolError(f"path {raw!r} cannot be followed: {exc}") from None
         if real != self.root and self.root not in real.parents:
             raise ToolError(f"path {raw!r} refused: it leads outside the repository (through a symlink)")
         relative = real.relative_to(self.root).parts
@@ -297,6 +302,8 @@ class RepoTools:
             return f"error: {call.name} failed: {exc.strerror or exc}"
         except (ValueError, OverflowError, TypeError) as exc:  # an argument the tool cannot use
             return f"error: {call.name} failed: {exc}; check its arguments, example: {json.dumps(spec.example)}"
+        except RuntimeError as exc:  # e.g. a symlink loop met while walking the repository: never ends the loop
+            return f"error: {call.name} failed: {exc}"
         return trim(result, self.output_chars)
 
     # ------------------------------------------------------------ the tools
@@ -335,11 +342,23 @@ class RepoTools:
         real = self.resolve(path)
         if not real.exists():
             raise ToolError(f"{path!r} does not exist")
+        deadline = time.monotonic() + SEARCH_TIMEOUT_S
         if regex:
+            import regex as regex_engine  # the stdlib engine cannot be stopped; this one takes a timeout
+
             try:
-                matcher = re.compile(pattern).search
-            except re.error as exc:
+                compiled = regex_engine.compile(pattern)
+            except regex_engine.error as exc:
                 raise ToolError(f"invalid regular expression {pattern!r}: {exc}") from None
+
+            def matcher(line: str):
+                try:
+                    return compiled.search(line, timeout=max(deadline - time.monotonic(), 0.001))
+                except TimeoutError:
+                    raise ToolError(
+                        f"the regular expression {pattern!r} took more than {SEARCH_TIMEOUT_S:g} s (catastrophic "
+                        "backtracking?); simplify it or search for plain text"
+                    ) from None
         else:
             matcher = lambda line: pattern in line  # noqa: E731
         files = [self._relative(real)] if real.is_file() else self._git_files(real)

@@ -29,6 +29,7 @@ from ..errors import (
     FeedbackConflictError,
     ModelCallError,
     StoreLockedError,
+    StoreReadOnlyError,
     TaskFormatError,
     VersionNotFoundError,
 )
@@ -147,6 +148,10 @@ def create_app(
     async def lifespan(app: FastAPI):
         log.info("serving %s with model %s (%s)", store.path, chat_model.model_id,
                  "local-only mode" if keyring.local_only else f"{len(keyring)} API keys")
+        released = store.release_dead_claims()  # feedback a killed server took but never turned into a version
+        if released:
+            log.warning("released %d feedback claim(s) whose update never landed (the server holding them died); "
+                        "those completions can be rated again", released)
         yield
         left = await service.drain(drain_timeout_s)
         if left:
@@ -217,6 +222,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def locked(request: Request, exc: StoreLockedError):
         return ApiError(503, "the database is busy (locked by another writer); retry shortly", "server_error",
                         headers={"retry-after": "1"}).response()
+
+    @app.exception_handler(StoreReadOnlyError)
+    async def read_only(request: Request, exc: StoreReadOnlyError):
+        log.error("%s", exc)
+        return ApiError(503, "the server's database is read-only; nothing was stored (the operator must fix "
+                        "its permissions)", "server_error").response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -23,3 +23,13 @@ def fast(messages):
     """The same policy without delay."""
     os.environ["SLOW_MODEL_DELAY"] = "0"
     return policy(messages)
+
+
+def slow_update(messages):
+    """The scripted note-taker whose update episodes take ``SLOW_UPDATE_DELAY`` seconds (solves are instant)."""
+    from lifecycle_agent.models.scripted import feedback_notes, lookup_answer
+
+    if is_update(messages):
+        time.sleep(float(os.environ.get("SLOW_UPDATE_DELAY", "3")))
+        return feedback_notes(messages)
+    return lookup_answer(messages)
