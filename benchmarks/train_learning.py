@@ -168,9 +168,38 @@ def markdown(summary: dict) -> str:
                 env_name = env + ("" if env == "fact-recall" else " (never trained on)")
                 lines.append(f"| {env_name} | {names[name]} | {mode} | " + " | ".join(cell(m, j) for j in range(4))
                              + f" | {rate} | {closed} |")
-    lines += ["", "Reproduce: `python benchmarks/train_learning.py` (commands below).", "", "```bash",
+    lines += ["", "![held-out reward by position: base, warm start, warm start + GRPO](../benchmarks/results/train_learning.png)",
+              "", "Reproduce: `python benchmarks/train_learning.py` (commands below).", "", "```bash",
               summary["commands"]["sft"], summary["commands"]["grpo"], "```"]
     return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Reward by position per environment: one colour per model, solid live, dotted none, 95% bands."""
+    from matplotlib.figure import Figure
+
+    names = {"base": "base", "sft": "warm start", "grpo": "warm start + GRPO"}
+    figure = Figure(figsize=(12, 4.6))
+    for ax, env in zip(figure.subplots(1, len(ENVS)), ENVS):
+        for colour, (name, model) in zip(("tab:gray", "tab:blue", "tab:green"), summary["models"].items()):
+            for mode, style, marker in (("live", "-", "o"), ("none", ":", "^")):
+                data = model[env][mode]
+                positions = list(range(len(data["by_position"])))
+                ax.plot(positions, data["by_position"], linestyle=style, marker=marker, color=colour, linewidth=2,
+                        markerfacecolor="none", markersize=8, label=f"{names[name]} · {mode}")
+                lows = [lo if lo is not None else m for (lo, _), m in zip(data["ci95"], data["by_position"])]
+                highs = [hi if hi is not None else m for (_, hi), m in zip(data["ci95"], data["by_position"])]
+                ax.fill_between(positions, lows, highs, color=colour, alpha=0.08, linewidth=0)
+        ax.set_title(env + ("" if env == "fact-recall" else " (never trained on)"), fontsize=12)
+        ax.set_xlabel("position in pack")
+        ax.set_ylabel("mean reward")
+        ax.set_xticks(range(4))
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=8, loc="upper left")
+    figure.suptitle(f"held-out packs ({summary['eval_packs']} per environment), temperature 0.6", fontsize=12)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def ship(a: argparse.Namespace, summary: dict, which: str) -> None:
@@ -190,7 +219,7 @@ def ship(a: argparse.Namespace, summary: dict, which: str) -> None:
     (SHIPPED / "report.md").write_text(
         "# smollm2-cod\n\nSmolLM2-135M-Instruct + this LoRA adapter, trained by `python benchmarks/train_learning.py "
         f"--ship` (the `{which}` stage). Config: `train_config.json`; metrics: `metrics.jsonl`.\n\n"
-        + markdown(summary) + "\n"
+        + "\n".join(line for line in markdown(summary).splitlines() if not line.startswith("![")) + "\n"
     )
 
 
@@ -237,12 +266,15 @@ def main() -> None:
         for name, model in (("base", "smollm2"), ("sft", f"smollm2@{a.output / 'sft'}"), ("grpo", f"smollm2@{a.output / 'grpo'}")):
             if (a.output / ("sft" if name == "base" else name) / "adapter_config.json").is_file():
                 seconds[f"eval_{name}"] = round(run(eval_command(a, model, name), a.output / f"eval-{name}.log"), 1)
+                seconds_file.write_text(json.dumps(seconds))
     summary = summarize(a, seconds)
     text = json.dumps(summary, indent=2) + "\n"
     (a.output / "train_learning.json").write_text(text)
     if not a.dry_run:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "train_learning.json").write_text(text)
+        if {"base", "sft"} <= set(summary["models"]):
+            plot(summary, RESULTS / "train_learning.png")
     print(markdown(summary))
     if a.ship:
         which = a.ship

@@ -155,3 +155,8 @@ def test_cli_sft_with_a_failing_teacher_exits_2_with_the_reason(tmp_path, capsys
     code, text = run_cli(capsys, "train", "--sft", "--model", f"hf:{tiny_llama}", "--teacher", "py:no_such_module_xyz:fn",
                          "--output", tmp_path / "o", "--packs", "2", "--no-report")
     assert code == 2 and "could not be loaded" in text
+
+
+def test_a_mistyped_teacher_spec_is_refused_before_anything_runs(tmp_path, tiny_llama):
+    with pytest.raises(TrainConfigError, match="teacher: model spec 'orcale'"):
+        tiny_distill(tmp_path / "out", tiny_llama, teacher="orcale").validate()

@@ -103,3 +103,31 @@ def test_serve_killed_under_concurrent_clients_loses_no_acknowledged_feedback(tm
         "AND NOT EXISTS (SELECT 1 FROM episodes u WHERE u.kind = 'update' "
         "AND json_extract(u.metadata, '$.solve_episode_id') = s.episode_id)").fetchone()[0]
     assert dangling == 0
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_ralph_killed_at_a_random_moment_resumes_with_nothing_left_running(tmp_path, seed):
+    import sys
+
+    from lifecycle_agent.ralph import loop_status
+    from test_ralph import AGENT, CHECK, make_repo
+
+    rng = random.Random(seed)
+    repo = make_repo(tmp_path / "repo")
+    command = [sys.executable, "-m", "lifecycle_agent", "ralph", "--repo", str(repo), "--check", CHECK,
+               "--agent-cmd", f"sleep 0.3; {AGENT}", "--max-iterations", "4"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(rng.uniform(0.8, 2.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode in (0, 1), rerun.stderr  # 0: the check passed, 1: stopped without passing
+    status = loop_status(repo)
+    assert not status.in_progress or not status.in_progress.get("running")
+    assert all(run.stop_reason != "running" for run in status.runs)
+    with sqlite3.connect(str(repo / ".lifecycle-agent" / "ralph.db")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE status = 'running'").fetchone()[0] == 0
+        per_agent: dict[str, list[int]] = {}
+        for agent, version in conn.execute("SELECT agent_id, version FROM contexts ORDER BY agent_id, version"):
+            per_agent.setdefault(agent, []).append(version)
+    assert per_agent and all(v == list(range(len(v))) for v in per_agent.values())  # contiguous, none lost

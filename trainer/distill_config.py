@@ -104,6 +104,14 @@ class DistillConfig:
         check_trainable_spec(self.model)
         if not isinstance(self.teacher, str) or not self.teacher.strip():
             raise TrainConfigError("teacher: give oracle or a model spec such as openai:MODEL")
+        if self.teacher != "oracle":
+            from lifecycle_agent.errors import ModelSpecError
+            from lifecycle_agent.models import check_spec
+
+            try:
+                check_spec(self.teacher)
+            except ModelSpecError as exc:
+                raise TrainConfigError(f"teacher: {exc}") from None
         for name in ("envs", "eval_envs"):
             value = getattr(self, name)
             if isinstance(value, str):
