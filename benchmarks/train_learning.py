@@ -216,6 +216,13 @@ def ship(a: argparse.Namespace, summary: dict, which: str) -> None:
         shutil.copy2(a.output / "sft" / "metrics.jsonl", SHIPPED / "sft_metrics.jsonl")
     if (SHIPPED / "adapter_model.safetensors").stat().st_size > 5_500_000:
         _to_float16(SHIPPED / "adapter_model.safetensors")
+    # the base is the embedded model, whatever cache path the training machine had
+    config = json.loads((SHIPPED / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "smollm2"
+    (SHIPPED / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("train_config.json", "sft_config.json"):
+        if (SHIPPED / name).is_file() and str(Path.home()) in (SHIPPED / name).read_text():
+            raise SystemExit(f"{name} holds a path of this machine; train with relative --output paths")
     (SHIPPED / "report.md").write_text(
         "# smollm2-cod\n\nSmolLM2-135M-Instruct + this LoRA adapter, trained by `python benchmarks/train_learning.py "
         f"--ship` (the `{which}` stage). Config: `train_config.json`; metrics: `metrics.jsonl`.\n\n"

@@ -160,3 +160,12 @@ def test_cli_sft_with_a_failing_teacher_exits_2_with_the_reason(tmp_path, capsys
 def test_a_mistyped_teacher_spec_is_refused_before_anything_runs(tmp_path, tiny_llama):
     with pytest.raises(TrainConfigError, match="teacher: model spec 'orcale'"):
         tiny_distill(tmp_path / "out", tiny_llama, teacher="orcale").validate()
+
+
+def test_a_model_spec_teacher_is_distilled_when_its_notes_help(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    result = distill(tiny_distill(out, tiny_llama, teacher="scripted", max_steps=1))
+    assert result.packs_kept == 3 and result.steps == 1
+    rows = [json.loads(line) for line in (out / "sft_rows.jsonl").read_text().splitlines()]
+    assert any("-> Correct" in r["completion"][0]["content"] or "-> Wrong" in r["completion"][0]["content"]
+               for r in rows if r["kind"] == "update")  # the scripted teacher's own note format

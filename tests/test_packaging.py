@@ -49,3 +49,12 @@ def test_ci_runs_the_readme_test_command():
 def test_trl_is_pinned_to_a_minor_version():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'"trl==1\.16\.\*"', pyproject)
+
+
+def test_the_shipped_adapter_is_packaged_small_and_documented():
+    shipped = ROOT / "lifecycle_agent" / "adapters" / "smollm2-cod"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.jsonl", "report.md"):
+        assert (shipped / name).is_file(), name
+    assert (shipped / "adapter_model.safetensors").stat().st_size <= 10 * 1024 * 1024
+    assert '"adapters/*/*"' in (ROOT / "pyproject.toml").read_text()  # wheels carry it too
+    assert "benchmarks/train_learning.py" in (shipped / "report.md").read_text()  # how to reproduce it
