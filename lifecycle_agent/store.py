@@ -393,15 +393,22 @@ class Store:
             )
         if current == SCHEMA_VERSION:
             return
-        tables = [t for t in self.table_names() if not t.startswith("sqlite_")]
-        if current == 0 and tables:
-            # a database with tables but no schema record of ours belongs to another application (even when it
-            # has a table called "agents"): refuse it before anything is written
-            raise StoreError(
-                f"database {self.path} holds other tables ({', '.join(tables[:5])}) "
-                "and no lifecycle-agent schema; use a separate file"
-            )
         with self.transaction() as conn:
+            # decided under the write lock: another process may have created or migrated the schema meanwhile
+            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+            current = int(row[0]) if row else 0
+            if current >= SCHEMA_VERSION:
+                return
+            tables = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            if current == 0 and tables:
+                # tables but no schema record of ours: another application's database (even with a table called
+                # "agents"). Refused inside the transaction, which rolls back: nothing is written
+                raise StoreError(
+                    f"database {self.path} holds other tables ({', '.join(tables[:5])}) "
+                    "and no lifecycle-agent schema; use a separate file"
+                )
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():

@@ -87,11 +87,21 @@ def test_a_teacher_spec_that_fails_to_load_is_a_clear_error(tmp_path, tiny_llama
     assert not (tmp_path / "out").exists()
 
 
-def test_a_teacher_whose_notes_never_help_trains_nothing(tmp_path, tiny_llama):
-    # the scripted model answers with numbers: on preference its notes never make a later task solvable
+def test_a_teacher_whose_notes_never_help_trains_nothing(tmp_path, tiny_llama, monkeypatch):
+    # well-formed notes that hold nothing useful: no later task becomes solvable
+    teachers = tmp_path / "teachers"
+    teachers.mkdir()
+    (teachers / "useless_teacher.py").write_text(
+        "from lifecycle_agent.models.scripted import is_update\n"
+        "def reply(messages):\n"
+        "    return '<<<CONTEXT>>>\\n- Nothing to note.\\n<<<END CONTEXT>>>' if is_update(messages) else 'Answer: 0'\n"
+    )
+    monkeypatch.syspath_prepend(str(teachers))
+    out = tmp_path / "runs" / "out"
+    (tmp_path / "runs").mkdir()
     with pytest.raises(TeacherError, match="never helped: 0 of 3 packs kept"):
-        distill(tiny_distill(tmp_path / "out", tiny_llama, teacher="scripted", envs=["preference"]))
-    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # no demonstrations left behind
+        distill(tiny_distill(out, tiny_llama, teacher="py:useless_teacher:reply"))
+    assert not out.exists() and list((tmp_path / "runs").iterdir()) == []  # no demonstrations left behind
 
 
 def test_a_teacher_that_fails_every_call_says_so(tmp_path, tiny_llama, monkeypatch):

@@ -498,3 +498,21 @@ def test_a_run_closed_because_its_process_died_is_marked_stale(tmp_path):
     with Store(db) as store:
         stale = {r["run_id"]: r["stale"] for r in store.runs("a")}
     assert stale == {"killed": 1, "mine": 0}
+
+
+def test_a_version_1_database_is_migrated_to_version_2_keeping_its_runs(tmp_path):
+    import sqlite3
+
+    from lifecycle_agent import store as store_module
+
+    path = tmp_path / "v1.db"
+    con = sqlite3.connect(path)
+    con.executescript(store_module.MIGRATIONS[1])
+    con.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    con.execute("INSERT INTO runs (run_id, agent_id, started_at, status) VALUES ('old', 'a', 1.0, 'completed')")
+    con.commit()
+    con.close()
+    with Store(str(path)) as store:
+        assert store.schema_version() == 2
+        (run,) = store.runs("a")
+    assert run["status"] == "completed" and run["holder"] is None and run["stale"] == 0
