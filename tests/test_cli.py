@@ -13,9 +13,9 @@ from lifecycle_agent.cli import main
 from lifecycle_agent.store import Store
 
 
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
+def _invoker(capsys, monkeypatch, columns: int):
+    """``invoke(*args) -> (exit code, stdout, stderr)`` of the CLI on a terminal ``columns`` wide."""
+    monkeypatch.setenv("COLUMNS", str(columns))
 
     def invoke(*args):
         with pytest.raises(SystemExit) as exc:
@@ -24,6 +24,11 @@ def cli(capsys, monkeypatch):
         return exc.value.code, out, err
 
     return invoke
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    return _invoker(capsys, monkeypatch, 200)
 
 
 @pytest.fixture
@@ -406,15 +411,7 @@ def test_an_eval_settings_mismatch_is_reported_before_the_model_loads(cli, tmp_p
 # ---------------------------------------------------------------- narrow terminals and pipes (80 columns)
 @pytest.fixture
 def cli80(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "80")
-
-    def invoke(*args):
-        with pytest.raises(SystemExit) as exc:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return exc.value.code, out, err
-
-    return invoke
+    return _invoker(capsys, monkeypatch, 80)
 
 
 def test_envs_list_at_80_columns_keeps_every_name_whole(cli80):

@@ -74,3 +74,19 @@ def test_the_own_environment_snippets_run_as_written(tmp_path, monkeypatch):
             envs.make("colours", rooms=0)
     finally:
         envs.unregister("colours")
+
+
+#: Snippets a reader can run offline, by file and order in the file (the ones of a file share one namespace,
+#: as for a reader following along); ``model`` stands for "your model" in concepts.md.
+OFFLINE = {"concepts.md": [0, 1], "environments.md": [0, 1], "evaluation.md": [0], "models.md": [1]}
+
+
+@pytest.mark.parametrize("name", sorted(OFFLINE))
+def test_offline_snippets_run_as_written(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = [code for path, _, code in SNIPPETS if path.name == name]
+    namespace: dict = {"__name__": "snippet", "model": "scripted"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for index in OFFLINE[name]:
+            exec(compile(blocks[index], f"{name}[{index}]", "exec"), namespace)
