@@ -62,16 +62,22 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=12)
     parser.add_argument("--temperatures", default="0,0.6")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--settings", default="cod-v1,cod-v2,cod-v2+prefill,cod-v3+prefill",
+                        help="prompt sets to measure, comma-separated; +prefill gives the set's prefill")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prompt_sets.json"))
     args = parser.parse_args()
     model = resolve_model(args.model)
-    rows = []
+    out = Path(args.out)
+    # rows of other settings already in the file are kept: the file grows as sets are added
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     for temperature in [float(t) for t in args.temperatures.split(",")]:
-        for prompt_set, prefill in (("cod-v1", False), ("cod-v2", False), ("cod-v2", True)):
-            row = measure(model, prompt_set, prefill, temperature, args.n, args.max_new_tokens)
-            rows.append(row)
+        for setting in args.settings.split(","):
+            prompt_set, _, prefill = setting.partition("+")
+            row = measure(model, prompt_set, prefill == "prefill", temperature, args.n, args.max_new_tokens)
+            rows = [r for r in rows if (r["prompt_set"], r["prefill"], r["temperature"]) !=
+                    (row["prompt_set"], row["prefill"], row["temperature"])] + [row]
             print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -105,7 +105,29 @@ COD_V2 = PromptSet(
     update_prefill=CONTEXT_BEGIN + "\n",
 )
 
-PROMPT_SETS: dict[str, PromptSet] = {COD_V1.id: COD_V1, COD_V2.id: COD_V2}
+COD_V3 = PromptSet(
+    id="cod-v3",
+    solve_system=COD_V2.solve_system,
+    hints_empty=COD_V2.hints_empty,
+    # cod-v2 without its example of notes: a small trained model copied the example's lines into its
+    # notes in environments it had not seen, instead of what the feedback said
+    update_system=(
+        "You maintain the notes (the context) of a persistent agent that solves a long series "
+        "of related tasks in the same environment. The notes are the agent's only memory: the "
+        "next task will be solved with them and nothing else from this task.\n\n"
+        "Write the complete new notes: keep what is still true, fix what was wrong, and add the "
+        "exact facts and values that the latest task and its feedback revealed, one short line "
+        "each. At most {budget} characters.\n\n"
+        "Write only the notes, between these two lines, each on a line of its own:\n"
+        "{begin}\n...the new notes...\n{end}"
+    ),
+    update_user=COD_V1.update_user,
+    no_reward=COD_V1.no_reward,
+    no_feedback=COD_V1.no_feedback,
+    update_prefill=CONTEXT_BEGIN + "\n",
+)
+
+PROMPT_SETS: dict[str, PromptSet] = {COD_V1.id: COD_V1, COD_V2.id: COD_V2, COD_V3.id: COD_V3}
 #: The prompt set of new agents: cod-v2 (measured better for small models: benchmarks/prompt_sets.py; the
 #: shipped smollm2-cod adapter is trained on it). Agents keep the set they were created with.
 DEFAULT_PROMPT_SET = COD_V2.id

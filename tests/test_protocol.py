@@ -213,3 +213,11 @@ def test_read_update_request_refuses_a_solve_prompt():
 
     with pytest.raises(ValueError, match="not an update episode"):
         read_update_request(solve_messages("", "What is 2+2?"))
+
+
+def test_cod_v3_is_cod_v2_without_the_example_of_notes():
+    from lifecycle_agent.prompts import COD_V3
+
+    assert "Example of notes" not in COD_V3.update_system and "blue door" not in COD_V3.update_system
+    assert COD_V3.update_prefill == COD_V2.update_prefill and COD_V3.solve_system == COD_V2.solve_system
+    assert COD_V2.update_system.startswith(COD_V3.update_system)  # the same text up to the example
