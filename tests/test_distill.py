@@ -179,3 +179,15 @@ def test_a_model_spec_teacher_is_distilled_when_its_notes_help(tmp_path, tiny_ll
     rows = [json.loads(line) for line in (out / "sft_rows.jsonl").read_text().splitlines()]
     assert any("-> Correct" in r["completion"][0]["content"] or "-> Wrong" in r["completion"][0]["content"]
                for r in rows if r["kind"] == "update")  # the scripted teacher's own note format
+
+
+def test_a_student_that_cannot_load_leaves_nothing_behind(tmp_path):
+    (tmp_path / "runs").mkdir()
+    out = tmp_path / "runs" / "out"
+    config = DistillConfig(output_dir=str(out), model=f"hf:{tmp_path / 'no-such-model'}", packs=2, report=False,
+                           device="cpu")
+    from lifecycle_agent.errors import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="no such directory"):
+        distill(config)
+    assert not out.exists() and list((tmp_path / "runs").iterdir()) == []

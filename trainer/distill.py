@@ -192,17 +192,21 @@ def distill(config: DistillConfig, *, overwrite: bool = False, command: Optional
         raise
     store.close()
 
-    import torch
+    try:
+        import torch
 
-    from .cod_config import resolve_precision
+        from .cod_config import resolve_precision
 
-    device, dtype = resolve_precision(
-        config.device, config.dtype, cuda_available=torch.cuda.is_available(),
-        bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-    )
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    model, tokenizer = _load_student(config, dtype)
+        device, dtype = resolve_precision(
+            config.device, config.dtype, cuda_available=torch.cuda.is_available(),
+            bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        )
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        model, tokenizer = _load_student(config, dtype)
+    except BaseException:
+        _remove_db(tmp)  # the student could not load: leave nothing behind, the output directory as it was
+        raise
 
     if overwrite and out.is_dir():
         shutil.rmtree(out)
