@@ -894,8 +894,11 @@ class Store:
         for run_id, holder, heartbeat_at, started_at in rows:
             if not _holder_dead(holder, heartbeat_at or started_at):
                 continue
+            # one episode per finished task completes it: the update, or the solve of a task that failed in its own
+            # code (an update whose reply held no notes is a finished task, not a failed one)
             done, failed = conn.execute(
-                "SELECT COALESCE(SUM(status != 'failed'), 0), COALESCE(SUM(status = 'failed'), 0) FROM episodes "
+                "SELECT COALESCE(SUM(NOT (kind = 'solve' AND status = 'failed')), 0), "
+                "COALESCE(SUM(kind = 'solve' AND status = 'failed'), 0) FROM episodes "
                 "WHERE run_id = ? AND completes_task = 1", (run_id,),
             ).fetchone()
             conn.execute(

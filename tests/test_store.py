@@ -457,9 +457,12 @@ def test_a_killed_run_is_marked_interrupted_with_its_real_counts_at_the_next_ope
     with Store(db) as store:
         store.create_agent("a")
         _foreign_run(store, "killed", "a", dead.pid)
-        for i, status in enumerate(["ok", "ok", "failed"]):
-            store.record_episode(agent_id="a", run_id="killed", kind="solve", task_id=f"t{i}", messages=[],
+        for i, (kind, status) in enumerate([("update", "ok"), ("update", "failed"), ("solve", "failed")]):
+            # a finished task, one whose update held no notes (still finished), one whose own code failed
+            store.record_episode(agent_id="a", run_id="killed", kind=kind, task_id=f"t{i}", messages=[],
                                  status=status, completes_task=True)
+        store.record_episode(agent_id="a", run_id="killed", kind="solve", task_id="t3", messages=[], status="ok",
+                             completes_task=False)  # solved, its update never ran: not completed
     with Store(db) as store:
         (run,) = store.runs("a")
     assert run["status"] == "interrupted" and (run["n_done"], run["n_failed"]) == (2, 1)
