@@ -136,7 +136,9 @@ def test_budget_bad_arguments_are_errors(budget, policy):
 
 
 def test_neutralize_removes_both_delimiters():
-    assert CONTEXT_BEGIN not in neutralize(f"a{CONTEXT_BEGIN}b{CONTEXT_END}c")
+    text = neutralize(f"a{CONTEXT_BEGIN}b{CONTEXT_END}c")
+    assert CONTEXT_BEGIN not in text and CONTEXT_END not in text
+    assert text == "a[context-begin]b[context-end]c"
 
 
 def test_unknown_prompt_set_lists_known_ids():
