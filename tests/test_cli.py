@@ -453,3 +453,22 @@ def test_context_import_of_deeply_nested_json_is_a_clear_error(cli, tmp_path):
     db = tmp_path / "d.db"
     code, _, err = cli("context", "import", path, "--db", db)
     assert code == 2 and "nested too deeply" in err and "Traceback" not in err and not db.exists()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_threads_reach_torch_before_the_model_loads(cli, tasks_file, db_path, monkeypatch, how):
+    torch = pytest.importorskip("torch")
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    args = ["run", "--tasks", tasks_file, "--model", "scripted", "--db", db_path, "--quiet"]
+    if how == "flag":
+        args += ["--threads", "1"]
+    else:
+        monkeypatch.setenv("LIFECYCLE_AGENT_THREADS", "1")
+    code, _, _ = cli(*args)
+    assert code == 0 and seen == [1]
+
+
+def test_threads_must_be_at_least_one(cli, tasks_file, db_path):
+    code, _, err = cli("eval", "--env", "fact-recall", "--model", "scripted", "--out", db_path + ".ev", "--threads", "0")
+    assert code == 2 and "--threads" in err

@@ -32,6 +32,24 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+THREADS_OPTION = typer.Option(
+    None, "--threads", min=1, envvar="LIFECYCLE_AGENT_THREADS",
+    help="torch CPU threads of a local model (default: one per core; 1 is often faster on a CPU shared with "
+    "other jobs). Also LIFECYCLE_AGENT_THREADS.",
+)
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    """Set torch's CPU threads before a local model loads (nothing to do without torch: other models have none)."""
+    if threads is None:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(int(threads))
+
+
 def check_model_spec(spec: str) -> None:
     """The spec's form, checked before a command creates a database or loads a model."""
     from ..models import check_spec

@@ -13,8 +13,8 @@ from rich.table import Table
 from ..eval import MODES, EvalError, EvalProgress, check_resume, evaluate, parse_names, table_rows
 from . import app
 from .common import (
-    API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, check_model_spec, console, err_console, load_model,
-    print_json,
+    API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, THREADS_OPTION, apply_threads, check_model_spec, console,
+    err_console, load_model, print_json,
 )
 
 
@@ -70,6 +70,7 @@ def eval_command(
     parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict."),
     option: list[str] = typer.Option([], "--option", help="Environment option KEY=VALUE for every --env (repeatable)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write curve.png."),
+    threads: Optional[int] = THREADS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Mean reward by position for live / frozen / none context and Ralph packing, with 95% intervals."""
@@ -86,6 +87,7 @@ def eval_command(
     check_model_spec(model)
     if not as_json:
         err_console.print(f"loading model {model} ...")
+    apply_threads(threads)
     chat_model = load_model(model, base_url, api_key)
     progress = Progress(
         TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -18,8 +18,8 @@ from ..errors import TaskFormatError
 from ..store import check_agent_id
 from . import app
 from .common import (
-    AGENT_OPTION, API_KEY_OPTION, BASE_URL_OPTION, DB_OPTION, JSON_OPTION, MODEL_OPTION, check_model_spec, console,
-    err_console, load_model, print_json,
+    AGENT_OPTION, API_KEY_OPTION, BASE_URL_OPTION, DB_OPTION, JSON_OPTION, MODEL_OPTION, THREADS_OPTION, apply_threads,
+    check_model_spec, console, err_console, load_model, print_json,
 )
 from .context import BUSY_TIMEOUT_OPTION, open_store
 
@@ -107,6 +107,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="Print no per-task lines, only the closing table and context."),
     as_json: bool = JSON_OPTION,
     busy_timeout: float = BUSY_TIMEOUT_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Run an agent over tasks, updating its context after each one. Rerun the same command to resume."""
     if parse_policy is not None and parse_policy not in ("lenient", "strict"):
@@ -123,6 +124,7 @@ def run(
             return
         if not as_json:
             err_console.print(f"loading model {model} ...")
+        apply_threads(threads)
         chat_model = load_model(model, base_url, api_key)
         lifecycle = LifecycleAgent(
             chat_model, store, agent, temperature=temperature, max_new_tokens=max_new_tokens,

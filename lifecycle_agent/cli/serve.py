@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from . import app
-from .common import DB_OPTION, MODEL_OPTION, err_console, load_model
+from .common import DB_OPTION, MODEL_OPTION, THREADS_OPTION, apply_threads, err_console, load_model
 
 
 @app.command("serve")
@@ -28,6 +28,7 @@ def serve(
     model_timeout: float = typer.Option(120.0, "--model-timeout", min=0.001, help="Seconds one model call may take before 504."),
     drain_timeout: float = typer.Option(60.0, "--drain-timeout", min=0.0, help="Seconds shutdown waits for running episodes."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error (JSON lines on stderr)."),
+    threads: Optional[int] = THREADS_OPTION,
 ) -> None:
     """Serve the agents of a database over HTTP: OpenAI-compatible chat completions (model = agent id),
     feedback that updates the agent's context, and REST for agents, contexts and episodes."""
@@ -44,6 +45,7 @@ def serve(
             "Give --api-key KEY (or LIFECYCLE_AGENT_API_KEYS) to serve other machines.",
             title="lifecycle-agent serve", border_style="bold yellow",
         ))
+    apply_threads(threads)
     chat_model = load_model(model, model_base_url, model_api_key)
     try:
         run_server(

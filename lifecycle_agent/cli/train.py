@@ -127,7 +127,7 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps." + _d("save_steps")),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of sampling and LoRA init." + _d("seed")),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: one per core; 1 is faster on a CPU shared with other jobs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, envvar="LIFECYCLE_AGENT_THREADS", help="torch CPU threads (default: one per core; 1 is faster on a CPU shared with other jobs). Also LIFECYCLE_AGENT_THREADS."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)."),
     context_budget: Optional[int] = typer.Option(None, "--context-budget", help="Context budget, characters." + _d("context_budget")),
     parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict." + _d("parse_policy")),
