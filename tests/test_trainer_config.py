@@ -175,3 +175,17 @@ def test_loggers_that_are_not_installed_are_refused(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb",) else real(name, *a))
     with pytest.raises(TrainConfigError, match="wandb is not installed"):
         config(report_to=["wandb"]).validate()
+
+
+def test_a_run_saved_before_on_failed_update_existed_resumes_with_keep(tmp_path):
+    import json
+
+    from trainer.cod_config import CoDConfig
+
+    config = CoDConfig(output_dir=str(tmp_path / "o"))
+    data = config.to_dict()
+    del data["on_failed_update"], data["init_adapter"]
+    (tmp_path / "train_config.json").write_text(json.dumps({"config": data}))
+    loaded = CoDConfig.load(tmp_path / "train_config.json")
+    assert loaded.on_failed_update == "keep" and loaded.init_adapter is None
+    assert CoDConfig(output_dir="x").on_failed_update == "reset"  # new runs follow the reference rule

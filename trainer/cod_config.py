@@ -314,7 +314,10 @@ class CoDConfig:
             raise TrainConfigError(f"cannot read the training config {path}: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             raise TrainConfigError(f"{path} is not a lifecycle-agent training config (no 'config' object)")
-        return cls.from_dict(data["config"])
+        stored = dict(data["config"])
+        # runs saved before on_failed_update existed kept the context after a failed update: resume them so
+        stored.setdefault("on_failed_update", "keep")
+        return cls.from_dict(stored)
 
     def differences(self, other: "CoDConfig") -> list[str]:
         """Options that differ from ``other`` and may not change on resume, as ``name: old -> new`` lines."""
