@@ -44,7 +44,7 @@ def measure(model, prompt_set: str, prefill: bool, temperature: float, n: int, m
     for messages, code in update_requests(n, prompt_set):
         start = ps.update_prefill if prefill else ""
         if start:
-            messages = messages + [{"role": "assistant", "content": start}]
+            messages = messages + [{"role": "assistant", "content": start, "prefill": True}]
         reply = model.generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
         full = start + reply.text
         blocks += protocol.parse_update(full, "strict", prefilled=bool(start)).status == "ok"

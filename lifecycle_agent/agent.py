@@ -538,7 +538,8 @@ class LifecycleAgent:
         ps = get_prompt_set(settings.prompt_set)
         prefill = ps.update_prefill if ps.update_prefill and getattr(self.model, "supports_prefill", False) else None
         if prefill:
-            messages = messages + [{"role": "assistant", "content": prefill}]
+            # marked, so a model continues this message instead of starting a new reply after it
+            messages = messages + [{"role": "assistant", "content": prefill, "prefill": True}]
         try:
             reply = yield ModelCall(messages, self._update_temperature(), self.max_new_tokens)
         except ModelCallError as exc:

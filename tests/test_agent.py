@@ -639,7 +639,7 @@ def test_a_prefill_capable_model_gets_the_begin_line_and_its_continuation_is_par
     agent = make_agent(model=fake.model, prompt_set="cod-v2", parse_policy="strict")
     record = agent.run([Task(prompt="q1", answer="1", id="t1")]).records[0]
     update_prompt = fake.seen[-1]
-    assert update_prompt[-1] == {"role": "assistant", "content": CONTEXT_BEGIN + "\n"}
+    assert update_prompt[-1] == {"role": "assistant", "content": CONTEXT_BEGIN + "\n", "prefill": True}
     assert record.update_status == "ok" and agent.context == "- the code is 7"
     stored = agent.episodes(kind="update")[0]
     assert stored.messages[-1]["content"] == CONTEXT_BEGIN + "\n- the code is 7"

@@ -986,3 +986,14 @@ def test_smollm2_concurrent_sampled_replies(smollm2_dir):
     finally:
         model.close()
         smollm2.clear_process_cache()
+
+
+def test_only_a_marked_prefill_is_continued(tiny_model):
+    from lifecycle_agent import CONTEXT_BEGIN
+
+    encode, tokenizer = tiny_model._engine.encode, tiny_model.tokenizer
+    base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    prefilled = tokenizer.decode(encode(base + [{"role": "assistant", "content": CONTEXT_BEGIN + "\n", "prefill": True}]))
+    plain = tokenizer.decode(encode(base + [{"role": "assistant", "content": "an earlier reply"}]))
+    assert prefilled.endswith("<|im_start|>assistant\n" + CONTEXT_BEGIN + "\n")
+    assert plain.endswith("an earlier reply<|im_end|>\n<|im_start|>assistant\n")  # a new reply, as before

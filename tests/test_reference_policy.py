@@ -105,7 +105,7 @@ def test_the_teacher_continues_a_prefilled_update():
     teacher = ReferenceTeacher(env, "cod-v2")
     messages = protocol.update_messages("", "Environment: q\nYou: 1", 0.0,
                                         "Wrong: x. The secret code of the fig is 12.", 500, "cod-v2")
-    reply = teacher.generate(messages + [{"role": "assistant", "content": protocol.CONTEXT_BEGIN + "\n"}]).text
+    reply = teacher.generate(messages + [{"role": "assistant", "content": protocol.CONTEXT_BEGIN + "\n", "prefill": True}]).text
     assert not reply.startswith(protocol.CONTEXT_BEGIN)
     assert protocol.parse_update(protocol.CONTEXT_BEGIN + "\n" + reply, "strict", prefilled=True).text == \
         "- The secret code of the fig is 12."

@@ -92,8 +92,8 @@ class ChatModel(ABC):
     default_temperature: Optional[float] = None
     #: Whether this model can be trained by the trainer (local weights, token log-probs).
     trainable: bool = False
-    #: Whether this model continues a final assistant message instead of starting a new reply
-    #: (a prompt set's ``update_prefill`` is only given to such models; the reply is the continuation).
+    #: Whether this model continues a final assistant message marked ``"prefill": True`` instead of starting a
+    #: new reply (a prompt set's ``update_prefill`` is only given to such models; the reply is the continuation).
     supports_prefill: bool = False
 
     @abstractmethod

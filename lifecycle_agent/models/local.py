@@ -440,8 +440,9 @@ class _Engine:
             chat.append({"role": message["role"], "content": flatten_content(message.get("content"))})
         try:
             with self._tok_lock:
-                if chat[-1]["role"] == "assistant":
-                    # a prefilled reply: the model continues the final assistant message
+                if messages[-1].get("prefill") is True and chat[-1]["role"] == "assistant":
+                    # a prefilled reply (marked by the runtime): the model continues the final assistant message;
+                    # a conversation that merely ends with an assistant turn gets a new reply as before
                     text = self.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
                 else:
                     text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)

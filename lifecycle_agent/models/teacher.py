@@ -36,7 +36,7 @@ class ReferenceTeacher(ChatModel):
 
     def generate(self, messages, *, temperature: Optional[float] = None, max_new_tokens: Optional[int] = None) -> Generation:
         prefill = ""
-        if messages and messages[-1].get("role") == "assistant":
+        if messages and messages[-1].get("prefill") is True:
             prefill, messages = str(messages[-1].get("content") or ""), messages[:-1]
         if is_update(messages):
             request = protocol.read_update_request(messages, self.prompt_set)
