@@ -74,6 +74,18 @@ COD_V1 = PromptSet(
     no_feedback="(no feedback for this task)",
 )
 
+#: The update instructions of cod-v2 up to its example of notes (cod-v3 is exactly this text).
+_COD_V2_UPDATE_BODY = (
+    "You maintain the notes (the context) of a persistent agent that solves a long series "
+    "of related tasks in the same environment. The notes are the agent's only memory: the "
+    "next task will be solved with them and nothing else from this task.\n\n"
+    "Write the complete new notes: keep what is still true, fix what was wrong, and add the "
+    "exact facts and values that the latest task and its feedback revealed, one short line "
+    "each. At most {budget} characters.\n\n"
+    "Write only the notes, between these two lines, each on a line of its own:\n"
+    "{begin}\n...the new notes...\n{end}"
+)
+
 COD_V2 = PromptSet(
     id="cod-v2",
     solve_system=(
@@ -87,16 +99,8 @@ COD_V2 = PromptSet(
         "with a line of the form `Answer: <your answer>`."
     ),
     hints_empty="(no hints yet)",
-    update_system=(
-        "You maintain the notes (the context) of a persistent agent that solves a long series "
-        "of related tasks in the same environment. The notes are the agent's only memory: the "
-        "next task will be solved with them and nothing else from this task.\n\n"
-        "Write the complete new notes: keep what is still true, fix what was wrong, and add the "
-        "exact facts and values that the latest task and its feedback revealed, one short line "
-        "each. At most {budget} characters.\n\n"
-        "Write only the notes, between these two lines, each on a line of its own:\n"
-        "{begin}\n...the new notes...\n{end}\n\n"
-        "Example of notes:\n"
+    update_system=_COD_V2_UPDATE_BODY + (
+        "\n\nExample of notes:\n"
         "{begin}\n- The code of the blue door is 417.\n- Action 2 moved me one row down.\n{end}"
     ),
     update_user=COD_V1.update_user,
@@ -111,16 +115,7 @@ COD_V3 = PromptSet(
     hints_empty=COD_V2.hints_empty,
     # cod-v2 without its example of notes: a small trained model copied the example's lines into its
     # notes in environments it had not seen, instead of what the feedback said
-    update_system=(
-        "You maintain the notes (the context) of a persistent agent that solves a long series "
-        "of related tasks in the same environment. The notes are the agent's only memory: the "
-        "next task will be solved with them and nothing else from this task.\n\n"
-        "Write the complete new notes: keep what is still true, fix what was wrong, and add the "
-        "exact facts and values that the latest task and its feedback revealed, one short line "
-        "each. At most {budget} characters.\n\n"
-        "Write only the notes, between these two lines, each on a line of its own:\n"
-        "{begin}\n...the new notes...\n{end}"
-    ),
+    update_system=_COD_V2_UPDATE_BODY,
     update_user=COD_V1.update_user,
     no_reward=COD_V1.no_reward,
     no_feedback=COD_V1.no_feedback,

@@ -76,18 +76,21 @@ class DistillResult:
     report_path: Optional[str] = None
 
 
-def teacher_model(config: DistillConfig, env_name: str):
-    """The teacher of one environment: its reference policy (``oracle``) or the model spec, loaded once."""
+def teacher_models(config: DistillConfig) -> dict[str, Any]:
+    """The teacher of every demonstration environment: its reference policy (``oracle``), or the one model the
+    spec names, loaded once and shared by every environment."""
     if config.teacher == "oracle":
         from lifecycle_agent.models.teacher import ReferenceTeacher
 
-        return ReferenceTeacher(env_registry.make(env_name, preset=config.preset), config.prompt_set)
+        return {name: ReferenceTeacher(env_registry.make(name, preset=config.preset), config.prompt_set)
+                for name in config.envs}
     from lifecycle_agent.models import resolve_model
 
     try:
-        return resolve_model(config.teacher)
+        model = resolve_model(config.teacher)
     except Exception as exc:  # a spec that cannot load: say which option and why
         raise TeacherError(f"teacher {config.teacher!r} could not be loaded: {exc}") from exc
+    return {name: model for name in config.envs}
 
 
 async def collect(config: DistillConfig, store: Store, teachers: dict[str, Any]) -> list[PackDemo]:
@@ -173,7 +176,7 @@ def distill(config: DistillConfig, *, overwrite: bool = False, command: Optional
     started = time.perf_counter()
     config.validate()
     out = check_output(config, overwrite)
-    teachers = {name: teacher_model(config, name) for name in config.envs}
+    teachers = teacher_models(config)
 
     # 1-3: demonstrations (cheap for the oracle) before any weights load, so a useless teacher fails fast
     tmp = out.parent / f".{out.name}.demonstrations.db"
@@ -181,7 +184,11 @@ def distill(config: DistillConfig, *, overwrite: bool = False, command: Optional
     _remove_db(tmp)
     store = Store(str(tmp))
     try:
-        demos = asyncio.run(collect(config, store, teachers))
+        try:
+            demos = asyncio.run(collect(config, store, teachers))
+        finally:
+            for model in {id(m): m for m in teachers.values()}.values():
+                model.close()  # a model teacher's worker or client is done once the demonstrations are in
         kept = select(demos, config.min_gain)
         rows = sft_rows(store, kept)
         if not rows:
