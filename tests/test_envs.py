@@ -239,9 +239,52 @@ def test_pack_size_below_one_or_not_an_integer_is_refused(bad):
         envs.make("fact-recall").pack(seed=1, size=bad)
 
 
-def test_unknown_packing_is_refused():
-    with pytest.raises(EnvironmentSpecError, match="packing must be one of cod, ralph"):
-        envs.make("fact-recall").pack(seed=1, size=2, packing="loop")
+@pytest.mark.parametrize("bad", ["loop", "RALPH", "", None, 3])
+def test_unknown_packing_is_refused_with_the_choices(bad):
+    with pytest.raises(EnvironmentSpecError, match="packings: cod, ralph_sample, ralph_full, ralph"):
+        envs.make("fact-recall").pack(seed=1, size=2, packing=bad)
+
+
+def test_ralph_is_ralph_sample():
+    env = envs.make("alchemy")
+    alias, named = env.pack(seed=3, size=3, packing="ralph"), env.pack(seed=3, size=3, packing="ralph_sample")
+    assert alias.packing == named.packing == "ralph_sample" and alias.id == named.id
+    assert [t.start() for t in alias.tasks] == [t.start() for t in named.tasks]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_ralph_full_repeats_every_task_of_the_cod_pack_in_a_pack_of_its_own(name):
+    env = envs.make(name)
+    cod = [env.pack(seed=5, size=3).tasks[j].start() for j in range(3)]  # each from a fresh pack: no state
+    full = env.packs(seed=5, size=3, packing="ralph_full")
+    assert [p.instance for p in full] == [0, 1, 2] and len({p.id for p in full}) == 3
+    for j, pack in enumerate(full):
+        assert [t.start() for t in pack.tasks] == [cod[j]] * 3
+        assert pack.hidden == env.pack(seed=5, size=3).hidden
+    assert [len(env.packs(seed=5, size=3, packing=p)) for p in ("cod", "ralph", "ralph_sample")] == [1, 1, 1]
+
+
+def test_ralph_full_packs_carry_nothing_over_but_the_context():
+    pack = envs.make("grid-navigation").pack(seed=7, size=3, packing="ralph_full", instance=2)
+    first = pack.tasks[0].start()
+    play_oracle(pack.tasks[0])
+    assert pack.tasks[1].start() == first and pack.state == {}
+
+
+@pytest.mark.parametrize(
+    "packing, instance, message",
+    [
+        ("cod", 1, "cod packing plays every instance"),
+        ("ralph_sample", 2, "ralph_sample packing always repeats instance 0"),
+        ("ralph", 1, "ralph_sample packing always repeats instance 0"),
+        ("ralph_full", 3, "ralph_full instance must be an integer from 0 to 2"),
+        ("ralph_full", -1, "ralph_full instance must be an integer from 0 to 2"),
+        ("ralph_full", "1", "ralph_full instance must be an integer"),
+    ],
+)
+def test_a_bad_instance_is_refused(packing, instance, message):
+    with pytest.raises(EnvironmentSpecError, match=message):
+        envs.make("fact-recall").pack(seed=1, size=3, packing=packing, instance=instance)
 
 
 def test_two_packs_with_the_same_seed_share_no_state():

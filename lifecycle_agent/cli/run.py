@@ -24,7 +24,10 @@ from .common import (
 from .context import BUSY_TIMEOUT_OPTION, open_store
 
 
-def build_tasks(tasks_file: Optional[Path], env: Optional[str], preset: str, seed: int, n: Optional[int], packing: str):
+def build_tasks(
+    tasks_file: Optional[Path], env: Optional[str], preset: str, seed: int, n: Optional[int], packing: str,
+    instance: Optional[int] = None,
+):
     """The task list for ``run``: a validated JSONL file or one pack of an environment."""
     if (tasks_file is None) == (env is None):
         raise typer.BadParameter("give exactly one of --tasks FILE.jsonl or --env NAME", param_hint="--tasks/--env")
@@ -35,7 +38,7 @@ def build_tasks(tasks_file: Optional[Path], env: Optional[str], preset: str, see
         return tasks[:n] if n is not None else tasks
     from .. import envs
 
-    return envs.make(env, preset=preset).pack(seed=seed, size=n or 8, packing=packing).tasks
+    return envs.make(env, preset=preset).pack(seed=seed, size=n or 8, packing=packing, instance=instance).tasks
 
 
 def _short(text: Optional[str], width: int = 40) -> str:
@@ -90,7 +93,11 @@ def run(
     env: Optional[str] = typer.Option(None, "--env", "-e", help="Built-in environment name (or package.module:factory)."),
     preset: str = typer.Option("train", "--preset", help="Environment preset (with --env)."),
     seed: int = typer.Option(0, "--seed", help="Pack seed (with --env): which hidden facts the tasks share."),
-    packing: str = typer.Option("cod", "--packing", help="cod (distinct related tasks) or ralph (one task repeated)."),
+    packing: str = typer.Option(
+        "cod", "--packing",
+        help="cod (distinct related tasks), ralph_sample (task 0 repeated; ralph is the same) or ralph_full (--instance J repeated).",
+    ),
+    instance: Optional[int] = typer.Option(None, "--instance", help="With --packing ralph_full: which task of the pack is repeated (default 0)."),
     n: Optional[int] = typer.Option(None, "-n", "--num-tasks", min=1, help="Tasks to run (default: whole file, or 8 with --env)."),
     model: str = MODEL_OPTION,
     base_url: Optional[str] = BASE_URL_OPTION,
@@ -114,7 +121,7 @@ def run(
         raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
     check_agent_id(agent)
     check_model_spec(model)
-    task_list = build_tasks(tasks, env, preset, seed, n, packing)
+    task_list = build_tasks(tasks, env, preset, seed, n, packing, instance)
     # everything that can be checked cheaply is checked before the (possibly slow) model load
     with open_store(db, busy_timeout, create=True) as store:
         if not no_resume and store.has_agent(agent) and all(

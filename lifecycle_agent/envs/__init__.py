@@ -16,10 +16,10 @@ import importlib
 from typing import Any, Callable
 
 from ..errors import EnvironmentSpecError
-from .base import PACKINGS, Environment, EnvTask, Episode, Pack, play, play_oracle
+from .base import PACKING_ALIASES, PACKINGS, Environment, EnvTask, Episode, Pack, canonical_packing, play, play_oracle
 
 __all__ = [
-    "Environment", "EnvTask", "Pack", "PACKINGS", "Episode", "make", "register", "unregister", "names", "describe",
+    "Environment", "EnvTask", "Pack", "PACKINGS", "PACKING_ALIASES", "canonical_packing", "Episode", "make", "register", "unregister", "names", "describe",
     "factory_for", "play", "play_oracle",
 ]
 

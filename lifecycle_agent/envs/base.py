@@ -15,8 +15,28 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 from ..errors import EnvironmentSpecError
 from ..tasks import InteractiveTask, StepResult
 
-Packing = Literal["cod", "ralph"]
-PACKINGS = ("cod", "ralph")
+Packing = Literal["cod", "ralph_sample", "ralph_full", "ralph"]
+#: The packings of the method (Trinity-RFT ``pack_strategy``), and ``ralph``, the name the project
+#: used first, kept as an alias of ``ralph_sample``:
+#:
+#: - ``cod``: the S visible instances of a pack seed, in order (distinct related tasks);
+#: - ``ralph_sample``: instance 0 of the pack seed repeated S times (the reference repeats the
+#:   first task of each group of S, so only one task in S is ever played);
+#: - ``ralph_full``: every instance of the pack seed becomes a pack of its own, repeated S times
+#:   (the reference expands every task into a full pack: S packs where ``cod`` has one, the same
+#:   tasks as the ``cod`` pack, each repeated). ``Environment.packs`` gives all of them;
+#:   ``Environment.pack(..., instance=j)`` the one repeating instance ``j``.
+PACKINGS = ("cod", "ralph_sample", "ralph_full", "ralph")
+PACKING_ALIASES = {"ralph": "ralph_sample"}
+
+
+def canonical_packing(packing: str) -> str:
+    """The packing ``packing`` names (``ralph`` -> ``ralph_sample``), or a clear error listing the choices."""
+    if not isinstance(packing, str) or packing not in PACKINGS:
+        raise EnvironmentSpecError(
+            f"unknown packing {packing!r}; packings: {', '.join(PACKINGS)} (ralph is ralph_sample)"
+        )
+    return PACKING_ALIASES.get(packing, packing)
 
 
 class EnvTask(InteractiveTask):
@@ -32,8 +52,8 @@ class EnvTask(InteractiveTask):
         self.id = task_id
         self.metadata = {"env": pack.env.name, "preset": pack.env.preset, "seed": pack.seed, "instance": index}
         #: State this task leaves for the later tasks of its pack (e.g. revealed cells): the
-        #: pack's ``state`` under ``cod`` packing; under ``ralph`` packing a dict of this task's
-        #: own, since a repeated task carries nothing over but the context.
+        #: pack's ``state`` under ``cod`` packing; under the ``ralph_*`` packings a dict of this
+        #: task's own, since a repeated task carries nothing over but the context.
         self.pack_state: dict[str, Any] = pack.state if pack.packing == "cod" else {}
 
     @property
@@ -107,15 +127,36 @@ class Environment(ABC):
     def make_task(self, pack: "Pack", index: int, task_id: str) -> EnvTask:
         """The task for visible instance ``index`` of ``pack`` (fresh state every call)."""
 
-    def pack(self, seed: int, size: int, packing: str = "cod") -> "Pack":
-        """A pack of ``size`` tasks from ``seed``: ``cod`` (distinct tasks) or ``ralph`` (one task repeated)."""
+    def pack(self, seed: int, size: int, packing: str = "cod", instance: Optional[int] = None) -> "Pack":
+        """A pack of ``size`` tasks from ``seed`` (see :data:`PACKINGS`).
+
+        ``instance``: the visible instance a ``ralph_full`` pack repeats (``0..size-1``, default 0);
+        ``ralph_sample`` always repeats instance 0 and ``cod`` plays them all, so neither takes one.
+        """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise EnvironmentSpecError(f"pack seed must be an integer, got {seed!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise EnvironmentSpecError(f"pack size must be an integer >= 1, got {size!r}")
-        if packing not in PACKINGS:
-            raise EnvironmentSpecError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
-        return Pack(self, seed, size, packing)
+        packing = canonical_packing(packing)
+        allowed = {"cod": (None,), "ralph_sample": (None, 0)}.get(packing)
+        if allowed is not None and instance not in allowed:
+            plays = "plays every instance" if packing == "cod" else "always repeats instance 0"
+            raise EnvironmentSpecError(
+                f"{packing} packing {plays} (got instance={instance!r}); only ralph_full packs repeat a chosen instance"
+            )
+        if packing == "ralph_full":
+            instance = 0 if instance is None else instance
+            if isinstance(instance, bool) or not isinstance(instance, int) or not 0 <= instance < size:
+                raise EnvironmentSpecError(f"ralph_full instance must be an integer from 0 to {size - 1}, got {instance!r}")
+        return Pack(self, seed, size, packing, instance)
+
+    def packs(self, seed: int, size: int, packing: str = "cod") -> list["Pack"]:
+        """Every pack the packing makes of pack seed ``seed``: one for ``cod`` and ``ralph_sample``,
+        ``size`` for ``ralph_full`` (one per visible instance, in order)."""
+        if canonical_packing(packing) == "ralph_full":
+            self.pack(seed, size, packing)  # checks seed and size before the range below uses size
+            return [self.pack(seed, size, packing, instance) for instance in range(size)]
+        return [self.pack(seed, size, packing)]
 
     # helpers for subclasses ------------------------------------------------
     def _int_option(self, key: str, low: int, high: int) -> int:
@@ -145,15 +186,18 @@ class Environment(ABC):
 class Pack:
     """S related tasks sharing hidden facts. All mutable pack state lives here (``state``)."""
 
-    def __init__(self, env: Environment, seed: int, size: int, packing: str):
+    def __init__(self, env: Environment, seed: int, size: int, packing: str, instance: Optional[int] = None):
         self.env = env
         self.seed = seed
         self.size = size
-        self.packing = packing
+        self.packing = canonical_packing(packing)
+        #: The visible instance every task repeats (``ralph_*`` packings); ``None`` under ``cod``.
+        self.instance: Optional[int] = None if self.packing == "cod" else (instance or 0)
         self.rng = random.Random(f"{env.name}|{env.preset}|{seed}")
         self.hidden = env.hidden_facts(self.rng)
         self.state: dict[str, Any] = {}
-        self.id = f"{env.name}/{env.preset}/s{seed}/{packing}{size}"
+        label = f"i{self.instance}" if self.packing == "ralph_full" else ""
+        self.id = f"{env.name}/{env.preset}/s{seed}/{self.packing}{size}{label}"
         self._tasks: Optional[list[EnvTask]] = None
 
     def instance_rng(self, index: int) -> random.Random:
@@ -165,7 +209,8 @@ class Pack:
         """The pack's tasks in order; built once, ids ``<pack id>/p<position>``."""
         if self._tasks is None:
             self._tasks = [
-                self.env.make_task(self, j if self.packing == "cod" else 0, f"{self.id}/p{j}") for j in range(self.size)
+                self.env.make_task(self, j if self.instance is None else self.instance, f"{self.id}/p{j}")
+                for j in range(self.size)
             ]
         return self._tasks
 
@@ -176,7 +221,8 @@ class Pack:
         return self.size
 
     def __repr__(self) -> str:
-        return f"<Pack {self.id}: {self.size} task(s) of {self.env.name} ({self.packing} packing)>"
+        repeated = "" if self.instance is None else f", instance {self.instance} repeated"
+        return f"<Pack {self.id}: {self.size} task(s) of {self.env.name} ({self.packing} packing{repeated})>"
 
 
 @dataclass
