@@ -6,7 +6,12 @@ on the same packs (same pack seeds, a fresh :class:`~lifecycle_agent.envs.Pack` 
 - ``live``: the CoD loop, the context is rewritten after every task;
 - ``frozen``: the context is written once, after the first task, then never updated;
 - ``none``: no context at all (the baseline without memory);
-- ``ralph``: one task repeated S times (Ralph packing), the context live.
+- ``ralph``: task 0 of each pack repeated S times (``ralph_sample`` packing), the context live;
+- ``ralph_full``: every task of each pack repeated S times in a pack of its own (``ralph_full``
+  packing: S packs where the other modes have one), the context live. Not in the default modes.
+
+The pack size S is each environment's :attr:`~lifecycle_agent.envs.Environment.eval_pack_size`
+(8, the method's evaluation setting; ``fact-recall`` 4) unless ``pack_size`` is given.
 
 Every pack of every mode is a fresh agent (its own id) in one SQLite file,
 ``OUT/eval.db``; an interrupted eval run again with the same settings skips the tasks it
@@ -44,12 +49,19 @@ MODES: dict[str, tuple[str, str]] = {
     "live": ("cod", "live"),
     "frozen": ("cod", "frozen"),
     "none": ("cod", "none"),
-    "ralph": ("ralph", "live"),
+    "ralph": ("ralph_sample", "live"),
+    "ralph_full": ("ralph_full", "live"),
 }
+#: Other names a mode is known by (the reference's packing name).
+MODE_ALIASES = {"ralph_sample": "ralph"}
+#: Modes run when none are named: ``ralph_full`` plays S times as many tasks, so it is asked for by name.
+DEFAULT_MODES = ("live", "frozen", "none", "ralph")
 #: Line style and marker of each mode in curve.png (overlapping curves stay visible).
-_STYLES = {"live": ("-", "o"), "frozen": ("--", "s"), "none": (":", "^"), "ralph": ("-.", "D")}
+_STYLES = {"live": ("-", "o"), "frozen": ("--", "s"), "none": (":", "^"), "ralph": ("-.", "D"), "ralph_full": ("-.", "v")}
 REPORT_FORMAT = "lifecycle-agent/eval-report"
-REPORT_FORMAT_VERSION = 1
+#: 2: ``settings.pack_size`` is ``null`` when every environment used its own default, and each
+#: environment records its ``pack_size``; mode ``ralph`` records packing ``ralph_sample``.
+REPORT_FORMAT_VERSION = 2
 #: Pack ``k`` of seed ``s`` uses pack seed ``s * PACK_SEED_STRIDE + k``.
 PACK_SEED_STRIDE = 10_000
 SETTINGS_FILE = "eval-settings.json"
@@ -125,10 +137,10 @@ def check_settings(
     env: Any,
     *,
     packs: Any = 4,
-    pack_size: Any = 4,
+    pack_size: Any = None,
     preset: str = "train",
     seeds: Any = (1,),
-    modes: Any = tuple(MODES),
+    modes: Any = DEFAULT_MODES,
     concurrency: Any = 4,
     parse_policy: Optional[str] = None,
     prompt_set: Optional[str] = None,
@@ -136,17 +148,21 @@ def check_settings(
 ) -> dict[str, Any]:
     """Check every evaluation setting (cheap: no model is loaded, nothing is written).
 
-    Returns the normalised values (``env_names``, ``modes``, ``seeds``, ``prompt_set``) and
-    the ``environments`` made from them; raises :class:`EvalError` or
+    Returns the normalised values (``env_names``, ``modes``, ``seeds``, ``prompt_set``), the
+    ``environments`` made from them and their ``pack_sizes`` (``pack_size``, or each one's
+    default when it is ``None``); raises :class:`EvalError` or
     :class:`~lifecycle_agent.errors.EnvironmentSpecError` saying what is wrong.
     """
     env_names = parse_names(env)
     mode_names = parse_names(modes, "mode")
-    unknown = [m for m in mode_names if m not in MODES]
+    unknown = [m for m in mode_names if m not in MODES and m not in MODE_ALIASES]
     if unknown:
-        raise EvalError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+        aliases = ", ".join(f"{alias} = {mode}" for alias, mode in MODE_ALIASES.items())
+        raise EvalError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)} ({aliases})")
+    mode_names = parse_names([MODE_ALIASES.get(m, m) for m in mode_names], "mode")  # an alias beside its mode repeats
     _positive_int(packs, "packs", PACK_SEED_STRIDE)
-    _positive_int(pack_size, "pack size")
+    if pack_size is not None:
+        _positive_int(pack_size, "pack size")
     _positive_int(concurrency, "concurrency")
     seed_list = parse_seeds(seeds)
     prompt_set = prompt_set or DEFAULT_PROMPT_SET
@@ -161,7 +177,19 @@ def check_settings(
     if stray:
         raise EvalError(f"env_options names environment(s) not evaluated: {', '.join(stray)}")
     environments = {name: envs_module.make(name, preset=preset, **env_options.get(name, {})) for name in env_names}
-    return {"env_names": env_names, "modes": mode_names, "seeds": seed_list, "prompt_set": prompt_set, "environments": environments}
+    pack_sizes = {name: pack_size or default_pack_size(environments[name]) for name in env_names}
+    return {
+        "env_names": env_names, "modes": mode_names, "seeds": seed_list, "prompt_set": prompt_set,
+        "environments": environments, "pack_sizes": pack_sizes,
+    }
+
+
+def default_pack_size(env: envs_module.Environment) -> int:
+    """The pack size an eval of ``env`` uses when none is given (its ``eval_pack_size``; 8 unless it says)."""
+    size = getattr(env, "eval_pack_size", envs_module.Environment.eval_pack_size)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise EvalError(f"environment {env.name!r} declares eval_pack_size {size!r}; it must be an integer >= 1")
+    return size
 
 
 def _positive_int(value: Any, what: str, high: Optional[int] = None) -> int:
@@ -251,6 +279,9 @@ class _Job:
     seed: int
     index: int
     mode: str
+    pack_size: int
+    #: The task a ``ralph_full`` pack repeats; ``None`` for the other modes.
+    instance: Optional[int] = None
     task_ids: Optional[list[str]] = None
 
     @property
@@ -259,10 +290,24 @@ class _Job:
 
     @property
     def agent_id(self) -> str:
-        return f"eval.{_slug(self.env_key)}.{self.env.preset}.s{self.seed}.p{self.index}.{self.mode}"
+        repeated = "" if self.instance is None else f".i{self.instance}"
+        return f"eval.{_slug(self.env_key)}.{self.env.preset}.s{self.seed}.p{self.index}.{self.mode}{repeated}"
 
-    def make_pack(self, pack_size: int) -> envs_module.Pack:
-        return self.env.pack(self.pack_seed, pack_size, MODES[self.mode][0])
+    def make_pack(self) -> envs_module.Pack:
+        return self.env.pack(self.pack_seed, self.pack_size, MODES[self.mode][0], self.instance)
+
+
+def _jobs(checked: dict[str, Any], packs: int) -> list[_Job]:
+    """Every pack the eval plays: one per environment, seed, pack and mode; ``ralph_full`` one per task of the pack."""
+    jobs = []
+    for name in checked["env_names"]:
+        env, size = checked["environments"][name], checked["pack_sizes"][name]
+        for seed in checked["seeds"]:
+            for index in range(packs):
+                for mode in checked["modes"]:
+                    instances = range(size) if MODES[mode][0] == "ralph_full" else [None]
+                    jobs += [_Job(name, env, seed, index, mode, size, instance) for instance in instances]
+    return jobs
 
 
 def evaluate(
@@ -270,10 +315,10 @@ def evaluate(
     model: Any = None,
     *,
     packs: int = 4,
-    pack_size: int = 4,
+    pack_size: Optional[int] = None,
     preset: str = "train",
     seeds: Any = (1,),
-    modes: Any = tuple(MODES),
+    modes: Any = DEFAULT_MODES,
     out: Optional[str | os.PathLike] = None,
     concurrency: int = 4,
     temperature: Optional[float] = None,
@@ -294,10 +339,12 @@ def evaluate(
             ``"smollm2"``, a :class:`~lifecycle_agent.models.ChatModel`...). One model object
             serves every pack, so a local model batches concurrent packs.
         packs: packs per seed and environment.
-        pack_size: tasks per pack (S).
+        pack_size: tasks per pack (S); ``None``: each environment's default
+            (:func:`default_pack_size`: 8 as in the method's evaluation, ``fact-recall`` 4).
         preset: environment preset (``train``, ``easy``, ``hard``).
         seeds: integers or ``"1,2,3"``; pack ``k`` of seed ``s`` has pack seed ``s*10000 + k``.
-        modes: any of ``live``, ``frozen``, ``none``, ``ralph`` (default: all four).
+        modes: any of ``live``, ``frozen``, ``none``, ``ralph`` (also called ``ralph_sample``) and
+            ``ralph_full`` (default: the first four).
         out: directory for ``eval.db``, ``report.json``, ``report.md`` and ``curve.png``
             (created if missing). ``None``: an in-memory database and no files.
         concurrency: packs run at the same time (coroutines over the shared model).
@@ -332,10 +379,10 @@ async def aevaluate(
     model: Any = None,
     *,
     packs: int = 4,
-    pack_size: int = 4,
+    pack_size: Optional[int] = None,
     preset: str = "train",
     seeds: Any = (1,),
-    modes: Any = tuple(MODES),
+    modes: Any = DEFAULT_MODES,
     out: Optional[str | os.PathLike] = None,
     concurrency: int = 4,
     temperature: Optional[float] = None,
@@ -373,11 +420,8 @@ async def aevaluate(
         if owns_model:
             chat_model.close()
         raise
-    jobs = [
-        _Job(name, environments[name], seed, index, mode)
-        for name in env_names for seed in seed_list for index in range(packs) for mode in mode_names
-    ]
-    counter = {"done": 0, "total": len(jobs) * pack_size}
+    jobs = _jobs(checked, packs)
+    counter = {"done": 0, "total": sum(job.pack_size for job in jobs)}
     errors: list[dict[str, Any]] = []
     agent_settings = dict(context_budget=context_budget, parse_policy=parse_policy, prompt_set=prompt_set)
     call_settings = dict(temperature=temperature, update_temperature=update_temperature, max_new_tokens=max_new_tokens)
@@ -390,11 +434,11 @@ async def aevaluate(
     async def run_job(job: _Job, gate: asyncio.Semaphore) -> None:
         async with gate:
             try:
-                tasks = job.make_pack(pack_size).tasks
+                tasks = job.make_pack().tasks
                 job.task_ids = [task.id for task in tasks]
             except Exception as exc:  # an environment's own code failed: record it, evaluate the rest
                 errors.append(_job_error(job, f"making the pack raised {type(exc).__name__}: {exc}"))
-                for _ in range(pack_size):
+                for _ in range(job.pack_size):
                     report_progress(job, None)
                 return
             agent = LifecycleAgent(
@@ -418,7 +462,7 @@ async def aevaluate(
                 future.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             raise
-        report = build_report(store, jobs, environments, settings, pack_size, errors)
+        report = build_report(store, jobs, environments, settings, errors)
         wall = time.perf_counter() - started
         episodes = sum(m["episodes"] for e in report["environments"].values() for m in e["modes"].values())
         report["timing"] = {"wall_seconds": round(wall, 3), "episodes_in_db": episodes}
@@ -432,7 +476,10 @@ async def aevaluate(
 
 
 def _job_error(job: _Job, message: str) -> dict[str, Any]:
-    return {"env": job.env_key, "mode": job.mode, "seed": job.seed, "pack": job.index, "error": message}
+    error = {"env": job.env_key, "mode": job.mode, "seed": job.seed, "pack": job.index, "error": message}
+    if job.instance is not None:
+        error["instance"] = job.instance
+    return error
 
 
 def _settings(checked: dict[str, Any], **options: Any) -> dict[str, Any]:
@@ -440,7 +487,8 @@ def _settings(checked: dict[str, Any], **options: Any) -> dict[str, Any]:
     environments = checked["environments"]
     return {
         "environments": checked["env_names"], "preset": options["preset"], "packs": options["packs"],
-        "pack_size": options["pack_size"], "seeds": checked["seeds"], "modes": checked["modes"],
+        "pack_size": options["pack_size"], "pack_sizes": checked["pack_sizes"], "seeds": checked["seeds"],
+        "modes": checked["modes"],
         "prompt_set": checked["prompt_set"], "temperature": options["temperature"],
         "update_temperature": options["update_temperature"], "max_new_tokens": options["max_new_tokens"],
         "context_budget": options["context_budget"], "parse_policy": options["parse_policy"],
@@ -450,8 +498,8 @@ def _settings(checked: dict[str, Any], **options: Any) -> dict[str, Any]:
 
 
 def check_resume(
-    env: Any, out: Optional[str | os.PathLike], *, preset: str = "train", packs: int = 4, pack_size: int = 4,
-    seeds: Any = (1,), modes: Any = tuple(MODES), concurrency: int = 4, temperature: Optional[float] = None,
+    env: Any, out: Optional[str | os.PathLike], *, preset: str = "train", packs: int = 4,
+    pack_size: Optional[int] = None, seeds: Any = (1,), modes: Any = DEFAULT_MODES, concurrency: int = 4, temperature: Optional[float] = None,
     update_temperature: Optional[float] = None, max_new_tokens: Optional[int] = None,
     context_budget: Optional[int] = None, parse_policy: Optional[str] = None, prompt_set: Optional[str] = None,
     env_options: Optional[dict[str, dict[str, Any]]] = None,
@@ -514,7 +562,6 @@ def build_report(
     jobs: list[_Job],
     environments: dict[str, envs_module.Environment],
     settings: dict[str, Any],
-    pack_size: int,
     errors: Optional[list[dict[str, Any]]] = None,
 ) -> dict[str, Any]:
     """The report (without ``timing``) from the episodes stored for ``jobs``."""
@@ -525,7 +572,7 @@ def build_report(
         "prompt_set": settings["prompt_set"],
         "settings": {
             k: v for k, v in settings.items()
-            if k not in ("model_id", "model_default_temperature", "prompt_set", "env_options", "concurrency")
+            if k not in ("model_id", "model_default_temperature", "prompt_set", "env_options", "concurrency", "pack_sizes")
         },
         "environments": {},
         "errors": sorted(errors or [], key=lambda e: (e["env"], e["mode"], e["seed"], e["pack"])),
@@ -536,12 +583,13 @@ def build_report(
             "description": env.description,
             "preset": env.preset,
             "options": env.options,
+            "pack_size": settings["pack_sizes"][name],
             "pack_seeds": sorted({job.pack_seed for job in jobs if job.env_key == name}),
             "modes": {},
         }
         for mode in settings["modes"]:
             mode_jobs = [j for j in jobs if j.env_key == name and j.mode == mode]
-            entry["modes"][mode] = _mode_summary(store, mode, mode_jobs, pack_size)
+            entry["modes"][mode] = _mode_summary(store, mode, mode_jobs, settings["pack_sizes"][name])
         report["environments"][name] = entry
     return report
 
@@ -644,7 +692,7 @@ def table_rows(report: dict[str, Any], env: str, compact: bool = False) -> tuple
     ``compact`` (narrow terminals): position means without their intervals, and no token or time columns.
     """
     entry = report["environments"][env]
-    size = report["settings"]["pack_size"]
+    size = entry["pack_size"]
     header = ["mode", "n"] + [f"pos {j}" for j in range(size)] + ["gain", "AUC", "forget"]
     if not compact:
         header += ["tok/task", "s/task"]
@@ -668,7 +716,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         "# Evaluation: reward by position in the pack",
         "",
         f"Model `{report['model']['id']}`, prompt set `{report['prompt_set']}`, preset `{s['preset']}`, "
-        f"{s['packs']} pack(s) x seeds {', '.join(map(str, s['seeds']))}, pack size {s['pack_size']}, "
+        f"{s['packs']} pack(s) x seeds {', '.join(map(str, s['seeds']))}, pack size {_pack_size_text(report)}, "
         f"temperature {s['temperature'] if s['temperature'] is not None else 'model default'}, "
         f"max_new_tokens {s['max_new_tokens'] if s['max_new_tokens'] is not None else 'model default'}.",
         "",
@@ -676,7 +724,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         "n = packs behind each position. "
         "gain = last position minus first; AUC = area under the curve / (S - 1); forget = largest drop "
         "between consecutive positions; tok/task = prompt + completion tokens per task (solve and update "
-        "episodes); s/task = model and environment seconds per task.",
+        "episodes); s/task = model and environment seconds per task. ralph_full: n counts its packs, "
+        "S per pack of the other modes (every task of the pack repeated in a pack of its own).",
     ]
     for env in report["environments"]:
         header, rows = table_rows(report, env)
@@ -690,6 +739,15 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pack_size_text(report: dict[str, Any]) -> str:
+    """``8``, or ``each environment's default (fact-recall 4, alchemy 8)`` when none was given."""
+    given = report["settings"]["pack_size"]
+    if given is not None:
+        return str(given)
+    sizes = ", ".join(f"{name} {entry['pack_size']}" for name, entry in report["environments"].items())
+    return f"each environment's default ({sizes})"
+
+
 def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
     """``curve.png``: reward by position, one line per mode (95% band), one panel per environment."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
@@ -699,9 +757,8 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
     rows = math.ceil(len(names) / columns)
     figure = Figure(figsize=(6.4 * columns, 4.6 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
-    size = report["settings"]["pack_size"]
-    positions = list(range(size))
     for ax, name in zip(axes.flat, names):
+        positions = list(range(report["environments"][name]["pack_size"]))
         seen = [0.0, 1.0]
         for mode, data in report["environments"][name]["modes"].items():
             seen += [v for v in data["by_position"] if v is not None]

@@ -11,7 +11,7 @@ from lifecycle_agent import envs
 from lifecycle_agent.envs import Environment, EnvTask
 from lifecycle_agent.errors import EnvironmentSpecError
 from lifecycle_agent.eval import (
-    EvalError, MODES, curve_metrics, evaluate, mean_ci95, parse_seeds, strip_timing, t95,
+    DEFAULT_MODES, EvalError, MODES, curve_metrics, evaluate, mean_ci95, parse_seeds, strip_timing, t95,
 )
 from lifecycle_agent.models.scripted import ScriptedModel
 from lifecycle_agent.store import Store
@@ -56,7 +56,7 @@ def test_a_policy_that_ignores_its_context_shows_no_gain(tmp_path):
 
     blind = ScriptedModel(solve=lambda messages: "Answer: 0", update=feedback_notes)
     modes = small_eval(tmp_path, model=blind)["environments"]["fact-recall"]["modes"]
-    assert all(modes[m]["gain"] == 0.0 for m in MODES)
+    assert all(modes[m]["gain"] == 0.0 for m in DEFAULT_MODES)
 
 
 def test_all_modes_run_on_the_same_packs(tmp_path):
@@ -435,3 +435,90 @@ def test_report_intervals_stay_within_the_reward_range_and_say_n(tmp_path):
             assert 0.0 <= low <= high <= 1.0
     text = (tmp_path / "ev" / "report.md").read_text()
     assert "| mode | n | pos 0 |" in text and "| live | 2 |" in text
+
+
+# --------------------------------------------------------------------------- ralph_full and the default pack size
+
+
+def test_ralph_full_plays_every_task_of_each_pack_repeated_in_a_pack_of_its_own(tmp_path):
+    report = small_eval(tmp_path, packs=1, seeds=[1], pack_size=3, modes="live,ralph,ralph_full")
+    entry = report["environments"]["fact-recall"]
+    full, sample = entry["modes"]["ralph_full"], entry["modes"]["ralph"]
+    assert full["packing"] == "ralph_full" and sample["packing"] == "ralph_sample"
+    assert full["n"] == [3, 3, 3] and sample["n"] == [1, 1, 1]  # S packs where ralph_sample has one
+    assert full["tasks"] == 9
+    # the scripted note-taker misses each code once, then answers it: the first try of every pack is 0
+    assert full["by_position"] == [0.0, 1.0, 1.0]
+
+
+def test_ralph_full_packs_repeat_the_tasks_of_the_cod_pack(tmp_path):
+    small_eval(tmp_path, "full", packs=1, seeds=[1], pack_size=3, modes="live,ralph_full")
+
+    def questions(store, agent_id):
+        solves = [r for r in store.episodes(agent_id, limit=None) if r.kind == "solve"]
+        return [next(m["content"] for m in r.messages if m["role"] == "user") for r in solves]
+
+    with Store(tmp_path / "full" / "eval.db") as store:
+        ids = [a.agent_id for a in store.list_agents()]
+        live = questions(store, next(a for a in ids if a.endswith(".live")))
+        full = [questions(store, a) for a in sorted(a for a in ids if ".ralph_full." in a)]
+    assert len(full) == 3
+    assert full == [[live[j]] * 3 for j in range(3)]
+
+
+def test_ralph_sample_is_the_ralph_mode(tmp_path):
+    report = small_eval(tmp_path, packs=1, seeds=[1], modes="ralph_sample")
+    assert list(report["environments"]["fact-recall"]["modes"]) == ["ralph"]
+    with pytest.raises(EvalError, match="modes repeat"):
+        small_eval(tmp_path, "again", packs=1, seeds=[1], modes="ralph,ralph_sample")
+
+
+def test_an_unknown_mode_lists_every_mode_and_alias(tmp_path):
+    with pytest.raises(EvalError, match="modes: live, frozen, none, ralph, ralph_full \\(ralph_sample = ralph\\)"):
+        small_eval(tmp_path, modes="ralph_loop")
+
+
+def test_the_pack_size_defaults_per_environment_and_is_recorded(tmp_path):
+    report = evaluate("fact-recall,preference", ScriptedModel(), packs=1, seeds=[1], modes="none", plot=False,
+                      out=tmp_path / "d")
+    assert report["format_version"] == 2
+    assert report["settings"]["pack_size"] is None
+    assert report["environments"]["fact-recall"]["pack_size"] == 4
+    assert report["environments"]["preference"]["pack_size"] == 8
+    assert report["environments"]["preference"]["modes"]["none"]["n"] == [1] * 8
+    assert "each environment's default (fact-recall 4, preference 8)" in (tmp_path / "d" / "report.md").read_text()
+    given = evaluate("preference", ScriptedModel(), packs=1, seeds=[1], modes="none", pack_size=3, plot=False)
+    assert given["settings"]["pack_size"] == 3 and given["environments"]["preference"]["pack_size"] == 3
+
+
+def test_every_built_in_environment_declares_its_eval_pack_size():
+    from lifecycle_agent.eval import default_pack_size
+
+    sizes = {row["name"]: row["eval_pack_size"] for row in envs.describe()}
+    assert sizes["fact-recall"] == 4
+    assert all(size == 8 for name, size in sizes.items() if name != "fact-recall")
+    assert all(default_pack_size(envs.make(name)) == size for name, size in sizes.items())
+
+
+def test_a_bad_declared_eval_pack_size_is_a_clear_error(tmp_path):
+    from lifecycle_agent.eval import default_pack_size
+
+    class Odd(envs.make("fact-recall").__class__):
+        eval_pack_size = 0
+
+    with pytest.raises(EvalError, match="declares eval_pack_size 0"):
+        default_pack_size(Odd())
+
+
+def test_resuming_with_another_pack_size_is_refused(tmp_path):
+    small_eval(tmp_path, "r", packs=1, seeds=[1], modes="none", pack_size=None)
+    with pytest.raises(EvalError, match="pack_size"):
+        small_eval(tmp_path, "r", packs=1, seeds=[1], modes="none", pack_size=3)
+
+
+def test_cli_eval_help_states_the_default_pack_size_and_the_modes(capsys):
+    code, stdout, _ = run_cli(["eval", "--help"], capsys)
+    text = " ".join(stdout.split())
+    assert code == 0
+    assert "8 as in the method's evaluation" in text and "fact-recall 4" in text
+    assert "ralph_full" in text and "ralph_sample = ralph" in text

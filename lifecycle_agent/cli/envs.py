@@ -37,7 +37,9 @@ def list_envs(as_json: bool = JSON_OPTION) -> None:
         table.add_column("presets", overflow="fold")
         table.add_column("options (defaults)", overflow="fold")
     for row in rows:
-        cells = [row["name"], row["description"]]
+        # a curriculum preset that hints at hidden facts says so where every terminal shows it
+        hint = f"\neasy preset hints: {row['easy_hints']}" if row.get("easy_hints") else ""
+        cells = [row["name"], row["description"] + hint]
         if wide:
             presets = "\n".join(
                 f"{name}: {_preset_summary(row['options'], values)}" for name, values in row["preset_options"].items()

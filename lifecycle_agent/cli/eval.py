@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..eval import MODES, EvalError, EvalProgress, check_resume, evaluate, parse_names, table_rows
+from ..eval import DEFAULT_MODES, MODE_ALIASES, MODES, EvalError, EvalProgress, check_resume, evaluate, parse_names, table_rows
 from . import app
 from .common import (
     API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, THREADS_OPTION, apply_threads, check_model_spec, console,
@@ -38,7 +38,7 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     tables = []
     for env in report["environments"]:
         # intervals and token columns need about 13 characters per position: narrower terminals get the means
-        compact = console.width < 60 + 15 * report["settings"]["pack_size"]
+        compact = console.width < 60 + 15 * report["environments"][env]["pack_size"]
         header, rows = table_rows(report, env, compact=compact)
         table = Table(title=f"{env} · {report['model']['id']} · preset {report['settings']['preset']}")
         for column in header:
@@ -56,10 +56,19 @@ def eval_command(
     base_url: Optional[str] = BASE_URL_OPTION,
     api_key: Optional[str] = API_KEY_OPTION,
     packs: int = typer.Option(4, "--packs", help="Packs per seed and environment."),
-    pack_size: int = typer.Option(4, "--pack-size", "-S", help="Tasks per pack (positions 0..S-1)."),
+    pack_size: Optional[int] = typer.Option(
+        None, "--pack-size", "-S",
+        help="Tasks per pack (positions 0..S-1). Default: each environment's own, 8 as in the method's evaluation "
+        "(fact-recall 4); `envs list --json` shows eval_pack_size.",
+    ),
     preset: str = typer.Option("train", "--preset", help="Environment preset: train, easy or hard."),
     seeds: str = typer.Option("1", "--seeds", help="Seeds, e.g. 1,2,3 or 1-5."),
-    modes: str = typer.Option(",".join(MODES), "--modes", help="Modes to run, from: " + ", ".join(MODES) + "."),
+    modes: str = typer.Option(
+        ",".join(DEFAULT_MODES), "--modes",
+        help="Modes to run, from: " + ", ".join(MODES) + " ("
+        + ", ".join(f"{alias} = {mode}" for alias, mode in MODE_ALIASES.items())
+        + "; ralph_full plays every task of a pack S times, S packs per pack).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for eval.db, report.json, report.md, curve.png (rerun to resume)."),
     concurrency: int = typer.Option(4, "--concurrency", "-c", help="Packs run at the same time over one shared model."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (default: the model's)."),
@@ -96,7 +105,7 @@ def eval_command(
     bar = progress.add_task("eval", total=None, status="")
 
     piped = not err_console.is_terminal  # no live bar in a pipe or a log file: print a line now and then instead
-    every = max(1, pack_size)
+    every = max(1, pack_size or 8)
 
     def on_progress(event: EvalProgress) -> None:
         reward = "" if event.record is None or event.record.reward is None else f" reward {event.record.reward:.2f}"

@@ -111,7 +111,8 @@ def make(name: str, preset: str = "train", **options: Any) -> Environment:
 
 
 def describe() -> list[dict[str, Any]]:
-    """Name, description, presets (with their full option values) and default options of every known environment.
+    """Name, description, presets (with their full option values), default options, eval pack size and
+    what the ``easy`` preset hints (``easy_hints``, empty for none) of every known environment.
 
     A registered factory that is not an :class:`Environment` class is described by its
     docstring; its presets are unknown until it is called.
@@ -122,7 +123,8 @@ def describe() -> list[dict[str, Any]]:
         cls = factory if isinstance(factory, type) and issubclass(factory, Environment) else None
         if cls is None:
             doc = (factory.__doc__ or "").strip().split("\n")[0]
-            rows.append({"name": name, "description": doc, "presets": [], "preset_options": {}, "options": {}})
+            rows.append({"name": name, "description": doc, "presets": [], "preset_options": {}, "options": {},
+                         "eval_pack_size": Environment.eval_pack_size, "easy_hints": ""})
             continue
         presets = {preset: {**cls.defaults, **values} for preset, values in cls.presets.items()}
         rows.append(
@@ -132,6 +134,8 @@ def describe() -> list[dict[str, Any]]:
                 "presets": list(cls.presets),
                 "preset_options": presets,
                 "options": dict(cls.defaults),
+                "eval_pack_size": cls.eval_pack_size,
+                "easy_hints": cls.easy_hints,
             }
         )
     return rows

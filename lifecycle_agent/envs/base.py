@@ -85,6 +85,12 @@ class Environment(ABC):
     reward_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     #: Named option sets. ``train`` is the training distribution; ``easy``/``hard`` shift it.
     presets: ClassVar[dict[str, dict[str, Any]]] = {"train": {}, "easy": {}, "hard": {}}
+    #: Tasks per pack when ``lifecycle-agent eval`` is given no ``--pack-size``: 8, the method's
+    #: evaluation setting (its ``eval_task_pack_size``), unless an environment says otherwise.
+    eval_pack_size: ClassVar[int] = 8
+    #: What the ``easy`` preset gives away that ``train`` and ``hard`` keep hidden (shown by
+    #: ``envs list``); empty when ``easy`` only shrinks the task.
+    easy_hints: ClassVar[str] = ""
 
     def __init__(self, preset: str = "train", **options: Any):
         if preset not in self.presets:

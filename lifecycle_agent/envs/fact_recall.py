@@ -60,6 +60,8 @@ class FactRecall(Environment):
     description = "Secret codes of a few items, revealed by feedback and asked again later in the pack."
     defaults: dict[str, Any] = {"items": 2, "digits": 3}
     presets = {"train": {}, "easy": {"items": 1, "digits": 2}, "hard": {"items": 3, "digits": 4}}
+    #: Small enough for the CPU demos with SmolLM2: two items are each asked twice in 4 tasks.
+    eval_pack_size = 4
 
     def __init__(self, preset: str = "train", **options: Any):
         super().__init__(preset, **options)
