@@ -115,6 +115,42 @@ def test_pack_schedule_alternates_environments_with_their_own_seeds():
     assert [(r["env"], r["seed"]) for r in rows] == [("fact-recall", 5), ("reply", 5), ("fact-recall", 6), ("reply", 6)]
 
 
+def test_ralph_full_schedule_runs_through_every_task_of_a_seed_before_the_next():
+    rows = config(max_steps=5, pack_size=2, packing="ralph_full").pack_schedule()
+    assert [(r["seed"], r["instance"], r["packing"]) for r in rows] == [
+        (0, 0, "ralph_full"), (0, 1, "ralph_full"), (1, 0, "ralph_full"), (1, 1, "ralph_full"), (2, 0, "ralph_full")
+    ]
+    assert len({r["prompt"] for r in rows}) == 5
+
+
+@pytest.mark.parametrize("packing", ["ralph", "ralph_sample"])
+def test_ralph_sample_schedule_counts_seeds_like_cod(packing):
+    checked = config(max_steps=3, packing=packing).validate()
+    assert checked.packing == "ralph_sample"
+    assert [(r["seed"], r["instance"]) for r in checked.pack_schedule()] == [(0, None), (1, None), (2, None)]
+    assert [r["packing"] for r in config(max_steps=1).pack_schedule()] == ["cod"]
+
+
+@pytest.mark.parametrize("bad", ["loop", "", None])
+def test_an_unknown_packing_names_the_option_and_the_choices(bad):
+    with pytest.raises(TrainConfigError, match="^packing: unknown packing .*packings: cod, ralph_sample, ralph_full, ralph"):
+        config(packing=bad).validate()
+
+
+def test_ralph_full_packs_count_against_the_held_out_seeds():
+    # 3 seeds' worth of cod packs is 3*S ralph_full packs: seeds 0..2 still, so eval seed 0 (packs 0..) overlaps
+    with pytest.raises(TrainConfigError, match="overlap the training pack seeds 0..2"):
+        config(max_steps=6, pack_size=2, packing="ralph_full", eval_seed=0, first_pack_seed=0).validate()
+
+
+def test_a_schedule_row_without_packing_columns_is_a_cod_pack():
+    from trainer.rollout import PackSpec
+
+    assert PackSpec.from_row({"env": "fact-recall", "preset": "train", "seed": 3}) == PackSpec("fact-recall", "train", 3)
+    row = config(max_steps=2, pack_size=2, packing="ralph_full").pack_schedule()[1]
+    assert PackSpec.from_row(row) == PackSpec("fact-recall", "train", 0, "ralph_full", 1)
+
+
 def test_held_out_pack_seeds_follow_the_eval_harness():
     assert config(eval_seed=3, eval_packs=2).eval_pack_seeds() == [30000, 30001]
 

@@ -34,6 +34,18 @@ def test_each_rollout_has_s_solves_and_s_minus_1_updates():
     assert all(e.kind == "solve" for e in rollout.solves) and all(e.kind == "update" for e in rollout.updates)
 
 
+@pytest.mark.parametrize("packing, instance", [("ralph_sample", None), ("ralph_full", 1), ("ralph_full", 2)])
+def test_a_ralph_rollout_repeats_the_task_its_spec_names(packing, instance):
+    from lifecycle_agent import envs
+
+    store = Store(":memory:")
+    (rollout,) = collector(TokenScriptedModel(), store).collect([PackSpec("fact-recall", "easy", 3, packing, instance)])
+    solves = store.episodes(rollout.agent_id, kind="solve")
+    prompts = [next(m["content"] for m in row.messages if m["role"] == "user") for row in solves]
+    expected = envs.make("fact-recall", preset="easy").pack(3, 3).tasks[instance or 0].start()
+    assert len(rollout.solves) == 3 and all(expected in prompt for prompt in prompts)
+
+
 def test_group_rollouts_fork_from_one_snapshot_and_run_the_same_pack():
     store = Store(":memory:")
     c = collector(TokenScriptedModel(), store, initial_context="start note")

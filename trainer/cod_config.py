@@ -62,6 +62,10 @@ class CoDConfig:
     """S: tasks per pack, solved in order with an update episode between tasks (>= 2). Default 4."""
     packs_per_step: int = 1
     """Packs per optimizer step (each run ``group_size`` times). Default 1."""
+    packing: str = "cod"
+    """How a training pack is made from its pack seed (the reference's ``pack_strategy``): ``cod`` (S distinct
+    related tasks), ``ralph_sample`` (task 0 repeated S times; ``ralph`` is the same) or ``ralph_full`` (each
+    task of the seed's pack repeated S times in a pack of its own: S training packs per pack seed). Default cod."""
     seed: int = 0
     """Random seed of sampling and LoRA initialisation. Default 0."""
     first_pack_seed: int = 0
@@ -178,16 +182,28 @@ class CoDConfig:
         return self.eval_temperature if self.eval_temperature is not None else self.temperature
 
     def pack_schedule(self) -> list[dict[str, Any]]:
-        """Training packs in order: ``max_steps * packs_per_step`` rows of ``env``, ``preset``, ``seed``.
+        """Training packs in order: ``max_steps * packs_per_step`` rows of ``env``, ``preset``, ``seed``,
+        ``packing`` and ``instance`` (the task a ``ralph_full`` pack repeats, else ``None``).
 
         Packs alternate between environments; each environment counts its own seeds up from
-        ``first_pack_seed``. The order is fixed by the config, so a resumed run sees the same packs.
+        ``first_pack_seed``. Under ``ralph_full`` an environment's packs run through the S tasks of a
+        pack seed before moving to the next seed. The order is fixed by the config, so a resumed run
+        sees the same packs.
         """
+        from lifecycle_agent.envs import canonical_packing
+
+        packing = canonical_packing(self.packing)
+        per_seed = self.pack_size if packing == "ralph_full" else 1
         rows = []
         for k in range(self.max_steps * self.packs_per_step):
             env = self.envs[k % len(self.envs)]
-            seed = self.first_pack_seed + k // len(self.envs)
-            rows.append({"prompt": f"{env}/{self.preset}/s{seed}", "env": env, "preset": self.preset, "seed": seed})
+            count = k // len(self.envs)
+            seed = self.first_pack_seed + count // per_seed
+            instance = count % per_seed if packing == "ralph_full" else None
+            label = f"{env}/{self.preset}/s{seed}" + (f"/{packing}" if packing != "cod" else "")
+            label += f"i{instance}" if instance is not None else ""
+            rows.append({"prompt": label, "env": env, "preset": self.preset, "seed": seed, "packing": packing,
+                         "instance": instance})
         return rows
 
     def eval_pack_seeds(self) -> list[int]:
@@ -210,6 +226,7 @@ class CoDConfig:
         if not self.envs:
             raise bad("envs", "name at least one environment (e.g. fact-recall)")
         from lifecycle_agent import envs as registry
+        from lifecycle_agent.errors import EnvironmentSpecError
 
         for name in self.envs:
             registry.make(name, preset=self.preset)  # unknown names and presets raise EnvironmentSpecError
@@ -221,6 +238,10 @@ class CoDConfig:
             _check_int(self, name, minimum)
         _check_int(self, "group_size", 2, "GRPO needs at least 2 rollouts per pack to form a baseline")
         _check_int(self, "pack_size", 2, "a pack needs at least 2 tasks so that an update episode has a later task to help")
+        try:
+            self.packing = registry.canonical_packing(self.packing)
+        except EnvironmentSpecError as exc:
+            raise bad("packing", str(exc)) from None
         for name in ("seed", "first_pack_seed", "eval_seed"):
             _check_int(self, name, None)
         if self.eval_pack_size is not None:
@@ -282,7 +303,7 @@ class CoDConfig:
             )
         _check_int(self, "eval_packs", 1)
         held_out = self.eval_pack_seeds()
-        last_train_seed = self.first_pack_seed + (self.max_steps * self.packs_per_step - 1) // len(self.envs)
+        last_train_seed = max(row["seed"] for row in self.pack_schedule())
         if self.first_pack_seed <= held_out[-1] and held_out[0] <= last_train_seed:
             raise bad(
                 "eval_seed",

@@ -30,15 +30,20 @@ class RolloutDataError(LifecycleAgentError):
 
 @dataclass(frozen=True)
 class PackSpec:
-    """Which pack a rollout runs: environment name, preset and pack seed."""
+    """Which pack a rollout runs: environment name, preset, pack seed, packing and (``ralph_full``) the task repeated."""
 
     env: str
     preset: str
     seed: int
+    packing: str = "cod"
+    instance: Optional[int] = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "PackSpec":
-        return cls(str(row["env"]), str(row["preset"]), int(row["seed"]))
+        # schedules written before packings existed have neither column: cod packing
+        instance = row.get("instance")
+        return cls(str(row["env"]), str(row["preset"]), int(row["seed"]), str(row.get("packing") or "cod"),
+                   None if instance is None else int(instance))
 
 
 @dataclass
@@ -180,7 +185,9 @@ class RolloutCollector:
         return agents
 
     async def _run_one(self, agent: LifecycleAgent, spec: PackSpec) -> Rollout:
-        pack = env_registry.make(spec.env, preset=spec.preset).pack(spec.seed, self.settings.pack_size)
+        pack = env_registry.make(spec.env, preset=spec.preset).pack(
+            spec.seed, self.settings.pack_size, spec.packing, spec.instance
+        )
         await agent.arun(pack.tasks, resume=False, update_after_last=False, run_id=agent.agent_id)
         rows = self.store.episodes(agent.agent_id, run_id=agent.agent_id, limit=None)
         rollout = read_rollout(rows, spec, agent.agent_id, self.settings.pack_size, self.settings.parse_failure_reward)

@@ -103,6 +103,7 @@ def train_command(
     group_size: Optional[int] = typer.Option(None, "--group-size", "-G", help="Rollouts per pack, from the same context (>= 2)." + _d("group_size")),
     pack_size: Optional[int] = typer.Option(None, "--pack-size", "-S", help="Tasks per pack (>= 2)." + _d("pack_size")),
     packs_per_step: Optional[int] = typer.Option(None, "--packs-per-step", help="Packs per optimizer step." + _d("packs_per_step")),
+    packing: Optional[str] = typer.Option(None, "--packing", help="--lora: cod, ralph_sample (ralph) or ralph_full; how a training pack is made from its seed." + _d("packing")),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + _d("learning_rate")),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint (same pack order)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --output and start over."),
@@ -151,6 +152,7 @@ def train_command(
         raise typer.BadParameter("the trainer package is not installed: pip install 'lifecycle-agent[train]'")
     if sft:
         refused = {"--resume": resume, "--init-adapter": init_adapter, "--group-size": group_size, "--loss": loss,
+                   "--packing": packing,
                    "--on-failed-update": on_failed_update}
         given_refused = [name for name, value in refused.items() if value not in (None, False)]
         if given_refused:
@@ -171,7 +173,7 @@ def train_command(
     given = dict(
         envs=[e.strip() for e in env.split(",") if e.strip()] if env is not None else None,
         model=model, max_steps=steps, max_minutes=max_minutes, group_size=group_size, pack_size=pack_size, packs_per_step=packs_per_step,
-        learning_rate=lr, eval_every=eval_every, eval_packs=eval_packs, eval_pack_size=eval_pack_size,
+        packing=packing, learning_rate=lr, eval_every=eval_every, eval_packs=eval_packs, eval_pack_size=eval_pack_size,
         eval_seed=eval_seed, preset=preset, temperature=temperature, max_new_tokens=max_new_tokens, loss_type=loss,
         normalize_std=normalize_std, reweight=reweight, beta=beta, clip_low=clip_low, clip_high=clip_high, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_target=lora_target, gradient_accumulation_steps=grad_accum, gradient_checkpointing=gradient_checkpointing,
