@@ -510,17 +510,27 @@ def test_alchemy_without_partial_credit_gives_zero_on_timeout():
     assert task.timeout_result().reward == 0.0
 
 
-def test_terminal_wrong_answer_ends_with_zero_and_reveals_the_file():
-    pack = envs.make("terminal").pack(seed=1, size=5)
+@pytest.mark.parametrize("preset", ["train", "hard"])
+def test_terminal_wrong_answer_ends_with_zero_and_reveals_nothing(preset):
+    pack = envs.make("terminal", preset=preset).pack(seed=1, size=5)
     task = next(t for t in pack.tasks if t.chore == "port")
     task.start()
     result = task.step("answer 1")
     assert (result.reward, result.done) == (0.0, True)
+    assert result.feedback == "Wrong answer '1'; reward 0."
+
+
+def test_terminal_easy_hints_name_the_file_and_the_value():
+    pack = envs.make("terminal", preset="easy").pack(seed=1, size=5)
+    task = next(t for t in pack.tasks if t.chore == "port")
+    task.start()
+    result = task.step("answer 1")
     assert task.config in result.feedback and task.port in result.feedback
 
 
-def test_terminal_feedback_names_the_quirk_the_agent_ran_into():
-    env = envs.make("terminal", quirks=1)
+@pytest.mark.parametrize("hints", [True, False])
+def test_terminal_feedback_names_the_quirk_the_agent_ran_into_only_as_a_hint(hints):
+    env = envs.make("terminal", quirks=1, hints=hints)
     for seed in range(100):
         pack = env.pack(seed=seed, size=5)
         if pack.hidden["quirks"] != ["cat_denied"]:
@@ -530,9 +540,20 @@ def test_terminal_feedback_names_the_quirk_the_agent_ran_into():
         observation = task.step(f"cat {task.config}").observation
         assert "Permission denied" in observation
         result = task.step("answer 0")
-        assert "`cat` is not permitted" in result.feedback
+        assert ("`cat` is not permitted" in result.feedback) == hints
         return
     pytest.fail("no pack with the cat_denied quirk in 100 seeds")
+
+
+def test_alchemy_feedback_lists_recipes_only_in_the_easy_preset():
+    for preset, hinted in (("train", False), ("hard", False), ("easy", True)):
+        task = envs.make("alchemy", preset=preset).pack(seed=2, size=1).tasks[0]
+        episode = play_oracle(task)
+        assert episode.reward == 1.0
+        assert ("Recipes found in this task" in episode.feedback) == hinted
+        timeout = envs.make("alchemy", preset=preset).pack(seed=2, size=1).tasks[0]
+        timeout.start()
+        assert ("it is made from" in timeout.timeout_result().feedback) == hinted
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -802,6 +823,7 @@ def test_terminal_wiping_the_machine_fails_the_chore():
     task.start()
     result = task.step("rm -rf /")
     assert (result.reward, result.done) == (0.0, True) and "did not ask to touch" in result.feedback
+    assert task.config not in result.feedback and "files)" in result.feedback  # a count, not the paths
 
 
 def test_terminal_recursive_rm_respects_write_protection():

@@ -7,6 +7,11 @@ run out and nothing is used up. Reward 1 when the target is made within ``max_tu
 turns, else 0, or with ``partial_credit`` half the share of the target's missing
 ingredients that were made. An agent that notes the recipes it found crafts later
 targets directly.
+
+Nothing states a recipe the agent did not perform: a step says what the agent's own
+combination made, and the final feedback only the outcome (as the reference's
+``show_recipes: false``). The ``easy`` preset (``hints``) adds, as a curriculum, the
+recipes found in the task and, when the turns run out, the goal's recipe.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class AlchemyTask(EnvTask):
         super().__init__(pack, index, task_id)
         self.max_turns = pack.env.options["max_turns"]
         self.partial_credit = pack.env.options["partial_credit"]
+        self.hints = pack.env.options["hints"]
         hidden = pack.hidden
         self.base: list[str] = hidden["base"]
         self.recipes: dict[frozenset, str] = {frozenset(k): v for k, v in hidden["recipes"]}
@@ -116,7 +122,10 @@ class AlchemyTask(EnvTask):
         return self._status()
 
     def _found_text(self) -> str:
-        return ("Recipes found in this task: " + "; ".join(self.found) + ".") if self.found else "No recipe was found in this task."
+        """The curriculum hint of the ``easy`` preset: this task's recipes in one line ('' without ``hints``)."""
+        if not self.hints:
+            return ""
+        return " " + (("Recipes found in this task: " + "; ".join(self.found) + ".") if self.found else "No recipe was found in this task.")
 
     def step(self, action: str) -> StepResult:
         self.turns += 1
@@ -140,7 +149,7 @@ class AlchemyTask(EnvTask):
                 if made == self.target:
                     return StepResult(
                         "", 1.0, True,
-                        f"You made {made} in {self.turns} turn{'s' if self.turns != 1 else ''}; reward 1. {self._found_text()}",
+                        f"You made {made} in {self.turns} turn{'s' if self.turns != 1 else ''}; reward 1.{self._found_text()}",
                     )
                 note = f"{pair[0]} + {pair[1]} made {made}!"
         if self.turns >= self.max_turns:
@@ -160,11 +169,11 @@ class AlchemyTask(EnvTask):
 
     def timeout_result(self) -> StepResult:
         reward = self._partial()
-        recipe = " + ".join(self.ingredients[self.target])
+        # the goal's recipe is a hidden fact the agent did not perform: only the easy preset's hints tell it
+        recipe = f" (it is made from {' + '.join(self.ingredients[self.target])})" if self.hints else ""
         return StepResult(
             "", reward, True,
-            f"The {self.max_turns} turns ran out before you made {self.target} (it is made from {recipe}); "
-            f"reward {reward:.2f}. {self._found_text()}",
+            f"The {self.max_turns} turns ran out before you made {self.target}{recipe}; reward {reward:.2f}.{self._found_text()}",
         )
 
     def oracle_action(self) -> str:
@@ -178,13 +187,14 @@ class AlchemyTask(EnvTask):
 class Alchemy(Environment):
     name = "alchemy"
     description = "Craft a target item through a hidden, per-pack recipe graph of tiered items."
+    easy_hints = "the feedback lists the recipes found in the task and, when the turns run out, the goal's recipe"
     defaults: dict[str, Any] = {
         "base": 4, "tier1": 3, "tier2": 2, "tier3": 0, "min_tier": 1, "max_tier": 2, "max_turns": 6,
-        "partial_credit": False,
+        "partial_credit": False, "hints": False,
     }
     presets = {
         "train": {},
-        "easy": {"base": 3, "tier1": 3, "tier2": 0, "max_tier": 1, "max_turns": 5},
+        "easy": {"base": 3, "tier1": 3, "tier2": 0, "max_tier": 1, "max_turns": 5, "hints": True},
         "hard": {"base": 5, "tier1": 4, "tier2": 3, "tier3": 2, "min_tier": 2, "max_tier": 3, "max_turns": 8},
     }
 
@@ -203,6 +213,7 @@ class Alchemy(Environment):
         self._int_option("max_tier", low, deepest)
         self._int_option("max_turns", 1, 30)
         self._bool_option("partial_credit")
+        self._bool_option("hints")
 
     def instructions(self) -> str:
         return (

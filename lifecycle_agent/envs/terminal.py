@@ -10,6 +10,11 @@ The shell is a simulation over an in-memory file tree: a command line is split w
 :mod:`shlex` and each command is a Python function. Nothing a model writes is run by a
 real shell. Reward ``1 - 0.1 * commands / max_turns`` when the chore is done (or the
 answer is right); 0 for a wrong answer or when the commands run out.
+
+Nothing states where the app's files are, what they hold or how the machine misbehaves
+unless the agent's own commands showed it: the final feedback gives the outcome only.
+The ``easy`` preset (``hints``) adds, as a curriculum, the file the chore was about, the
+value asked for and a note on every quirk the agent ran into.
 """
 
 from __future__ import annotations
@@ -513,6 +518,7 @@ class TerminalTask(EnvTask):
     def __init__(self, pack: Pack, index: int, task_id: str):
         super().__init__(pack, index, task_id)
         self.max_turns = pack.env.options["max_turns"]
+        self.hints = pack.env.options["hints"]
         hidden = pack.hidden
         self.config, self.log, self.lock = hidden["config"], hidden["log"], hidden["lock"]
         self.quirks: tuple[str, ...] = tuple(hidden["quirks"])
@@ -568,6 +574,9 @@ class TerminalTask(EnvTask):
         return False
 
     def _facts(self) -> str:
+        """The curriculum hint of the ``easy`` preset (layout, value, quirks met); '' without ``hints``."""
+        if not self.hints:
+            return ""
         facts = {
             "port": f"The app's config file is {self.config}; it sets port = {self.port}.",
             "user": f"The app's config file is {self.config}; it sets user = {self.user}.",
@@ -576,13 +585,13 @@ class TerminalTask(EnvTask):
             "backup": f"The app's config file is {self.config}; the backup goes to {self.config}.bak.",
         }[self.chore]
         notes = [QUIRK_NOTES[q] for q in QUIRKS if q in self.shell.hit]
-        return " ".join([facts] + notes)
+        return " " + " ".join([facts] + notes)
 
     def _success(self) -> StepResult:
         reward = 1.0 - 0.1 * self.turns / self.max_turns
         return StepResult(
             "", reward, True,
-            f"Chore done with {self.turns} command{'s' if self.turns != 1 else ''}; reward {reward:.3f}. {self._facts()}",
+            f"Chore done with {self.turns} command{'s' if self.turns != 1 else ''}; reward {reward:.3f}.{self._facts()}",
         )
 
     def step(self, action: str) -> StepResult:
@@ -594,17 +603,18 @@ class TerminalTask(EnvTask):
             elif text.strip().strip(".").lower() == self.answer.lower():
                 return self._success()
             else:
-                return StepResult("", 0.0, True, f"Wrong answer {shorten(text, 40)!r}; reward 0. {self._facts()}")
+                return StepResult("", 0.0, True, f"Wrong answer {shorten(text, 40)!r}; reward 0.{self._facts()}")
             output = note
         elif kind == "command":
             output = self.shell.run(text)
             lost = self._collateral_damage()
             if lost:
+                # a glob may have removed files the agent never saw: name them only as the easy preset's hint
                 shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+                what = f" ({shown})" if self.hints else f" ({len(lost)} file{'s' if len(lost) != 1 else ''})"
                 return StepResult(
                     "", 0.0, True,
-                    f"That command removed files the chore did not ask to touch ({shown}); the chore failed, reward 0. "
-                    f"{self._facts()}",
+                    f"That command removed files the chore did not ask to touch{what}; the chore failed, reward 0.{self._facts()}",
                 )
             if self._done():
                 return self._success()
@@ -617,7 +627,7 @@ class TerminalTask(EnvTask):
         return StepResult(f"{output}\n[{left} command{'s' if left != 1 else ''} left]", None, False, None)
 
     def timeout_result(self) -> StepResult:
-        return StepResult("", 0.0, True, f"The {self.max_turns} commands ran out before the chore was done; reward 0. {self._facts()}")
+        return StepResult("", 0.0, True, f"The {self.max_turns} commands ran out before the chore was done; reward 0.{self._facts()}")
 
     def oracle_plan(self) -> list[str]:
         """The shortest command sequence for someone who knows the pack's layout and quirks."""
@@ -673,14 +683,20 @@ def _make_files(hidden: dict[str, Any], port: str, user: str, log_text: str, rng
 class Terminal(Environment):
     name = "terminal"
     description = "File chores in a simulated shell with per-pack hidden layout and misbehaving commands."
-    defaults: dict[str, Any] = {"quirks": 1, "decoys": 1, "max_turns": 8}
-    presets = {"train": {}, "easy": {"quirks": 0, "decoys": 0, "max_turns": 10}, "hard": {"quirks": 2, "decoys": 2, "max_turns": 7}}
+    defaults: dict[str, Any] = {"quirks": 1, "decoys": 1, "max_turns": 8, "hints": False}
+    presets = {
+        "train": {},
+        "easy": {"quirks": 0, "decoys": 0, "max_turns": 10, "hints": True},
+        "hard": {"quirks": 2, "decoys": 2, "max_turns": 7},
+    }
+    easy_hints = "the feedback names the chore's file, the value asked for and every quirk the commands ran into"
 
     def __init__(self, preset: str = "train", **options: Any):
         super().__init__(preset, **options)
         self._int_option("quirks", 0, len(QUIRKS))
         self._int_option("decoys", 0, len(CONFIG_PLACES) - 1)
         self._int_option("max_turns", 2, 30)
+        self._bool_option("hints")
 
     def instructions(self) -> str:
         return (
