@@ -248,3 +248,107 @@ class Alchemy(Environment):
 
     def make_task(self, pack: Pack, index: int, task_id: str) -> AlchemyTask:
         return AlchemyTask(pack, index, task_id)
+
+    has_reference_policy = True
+
+    def reference_notes(self, notes: str, transcript: str, reward: Optional[float], feedback: Optional[str]) -> str:
+        """Every recipe the agent's own combinations made (and the pairs that made nothing), old and new."""
+        return AlchemyReference.notes(notes, transcript, feedback)
+
+    def reference_reply(self, notes: str, messages: list[dict]) -> str:
+        """Craft the goal from known recipes when they reach it, else try a pair not tried before."""
+        return AlchemyReference.reply(notes, messages)
+
+
+# ---------------------------------------------------------------- the reference policy (observation only)
+#: What a step says about a combination the agent made: ``a + b made c!`` / ``a + b makes c, which ...``
+#: / ``a + b: nothing happened.``; and the lines of the reference notes (``- a + b = c``, ``- a + b = nothing``).
+_SEEN_MADE = re.compile(r"\b([a-z]+) \+ ([a-z]+) (?:made|makes) ([a-z]+)\b")
+_SEEN_NOTHING = re.compile(r"\b([a-z]+) \+ ([a-z]+): nothing happened")
+_NOTE = re.compile(r"\b([a-z]+) \+ ([a-z]+) = ([a-z]+)\b")
+_HAVE = re.compile(r"You have: ([a-z, ]+)\. Goal: make ([a-z]+)\.")
+_MADE_GOAL = re.compile(r"You made ([a-z]+) in \d+ turns?")
+_SPEAKER = re.compile(r"^(Environment|You): ", re.MULTILINE)
+#: Notes stop growing here (the agent's default context budget is 2000 characters): recipes
+#: always stay, combinations that made nothing fill what is left.
+_NOTES_CHARS = 1800
+
+
+def _observed(text: str) -> tuple[dict[frozenset, str], set[frozenset]]:
+    """Recipes and fruitless pairs that ``text`` (observations or notes) states."""
+    recipes = {frozenset((a, b)): c for a, b, c in _SEEN_MADE.findall(text) + _NOTE.findall(text) if c != "nothing"}
+    nothing = {frozenset((a, b)) for a, b in _SEEN_NOTHING.findall(text)}
+    nothing |= {frozenset((a, b)) for a, b, c in _NOTE.findall(text) if c == "nothing"}
+    return recipes, nothing - set(recipes)
+
+
+def _transcript_turns(transcript: str) -> list[tuple[str, str]]:
+    """``(speaker, text)`` pairs of a rendered transcript (``Environment: ...`` / ``You: ...``)."""
+    parts = _SPEAKER.split(transcript)
+    return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+
+
+def _last_pair(reply: str, observation: str) -> Optional[tuple[str, str]]:
+    """The two items the agent's last ``reply`` combined, read against the items its last ``observation`` listed."""
+    have = _HAVE.search(observation)
+    if not have:
+        return None
+    known = [item.strip() for item in have.group(1).split(",")] + [have.group(2)]
+    pair, _ = parse_pair(reply, known)
+    return pair
+
+
+class AlchemyReference:
+    """Notes: every recipe the agent saw its own combinations make, and the pairs that made nothing."""
+
+    @staticmethod
+    def notes(notes: str, transcript: str, feedback: Optional[str]) -> str:
+        recipes, nothing = _observed(notes + "\n" + transcript)
+        made = _MADE_GOAL.search(feedback or "")
+        turns = _transcript_turns(transcript)
+        observations = [text for speaker, text in turns if speaker == "Environment"]
+        replies = [text for speaker, text in turns if speaker == "You"]
+        if made and replies and observations:
+            # the goal was made by the last combination: the step that made it is the feedback itself
+            pair = _last_pair(replies[-1], observations[-1])
+            if pair:
+                recipes[frozenset(pair)] = made.group(1)
+                nothing.discard(frozenset(pair))
+        lines = [f"- {' + '.join(sorted(pair))} = {item}" for pair, item in sorted(recipes.items(), key=lambda kv: kv[1])]
+        for pair in sorted(nothing, key=sorted):
+            line = f"- {' + '.join(sorted(pair))} = nothing"
+            if sum(len(x) + 1 for x in lines) + len(line) > _NOTES_CHARS:
+                break
+            lines.append(line)
+        return "\n".join(lines)
+
+    @staticmethod
+    def reply(notes: str, messages: list[dict]) -> str:
+        episode = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
+        recipes, nothing = _observed(notes + "\n" + episode)
+        state = _HAVE.findall(str(messages[-1].get("content", "")))
+        if not state:
+            return "Action: combine"
+        items, goal = [item.strip() for item in state[-1][0].split(",")], state[-1][1]
+        step = _plan(goal, items, {item: tuple(sorted(pair)) for pair, item in recipes.items()}, set())
+        if step:
+            return f"Action: combine {step[0]} + {step[1]}"
+        tried = set(recipes) | nothing
+        made = [item for item in items if item in recipes.values()]
+        untried = [p for p in combinations(items, 2) if frozenset(p) not in tried]
+        # a made item is more likely an ingredient of a higher tier than another pair of base items
+        untried.sort(key=lambda p: -sum(item in made for item in p))
+        a, b = untried[0] if untried else (items[0], items[1])
+        return f"Action: combine {a} + {b}"
+
+
+def _plan(item: str, have: list[str], recipe_of: dict[str, tuple[str, str]], visiting: set[str]) -> Optional[tuple[str, str]]:
+    """The next combination on the way to ``item`` from known recipes, or ``None`` when it cannot be planned."""
+    if item in have or item in visiting or item not in recipe_of:
+        return None
+    parts = recipe_of[item]
+    for part in parts:
+        if part not in have:
+            step = _plan(part, have, recipe_of, visiting | {item})
+            return step  # the first missing ingredient comes first (None: it cannot be made yet)
+    return parts

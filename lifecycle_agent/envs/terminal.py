@@ -89,8 +89,15 @@ def parse_command(reply: str) -> tuple[Optional[str], Optional[str]]:
 
 
 def _clean(text: str) -> str:
-    """A command line without surrounding markdown (quotes are kept: they belong to the command)."""
-    return text.strip().strip("`*").strip()
+    """A command line without surrounding markdown (quotes are kept: they belong to the command).
+
+    A ``*`` is stripped from the end only in a pair with one at the start (``**ls /srv**``): a
+    command may end in a glob (``ls /srv/*``).
+    """
+    text = text.strip().strip("`").strip()
+    while len(text) >= 2 and text[0] == "*" and text[-1] == "*":
+        text = text[1:-1].strip()
+    return text.lstrip("*").strip()  # a list bullet; no command starts with *
 
 
 def _last_label_line(reply: str) -> str:
@@ -288,7 +295,9 @@ class Shell:
             if path not in self.dirs:
                 errors.append(f"ls: cannot access '{arg}': No such file or directory")
                 continue
-            for directory in ([path] + sorted(d for d in self.dirs if d.startswith(path.rstrip("/") + "/"))) if recursive else [path]:
+            # (``/`` starts with ``/`` + ``/`` stripped: leave the directory itself out of its own subtree)
+            below = sorted(d for d in self.dirs if d != path and d.startswith(path.rstrip("/") + "/"))
+            for directory in ([path] + below) if recursive else [path]:
                 if recursive or len(paths) > 1:
                     out.append(f"{directory}:")
                 out.append(self._listing(directory, show_all, long))
@@ -724,3 +733,98 @@ class Terminal(Environment):
 
     def make_task(self, pack: Pack, index: int, task_id: str) -> TerminalTask:
         return TerminalTask(pack, index, task_id)
+
+    has_reference_policy = True
+
+    def reference_notes(self, notes: str, transcript: str, reward: Optional[float], feedback: Optional[str]) -> str:
+        """Where the app's files are and which commands misbehave, as the agent's commands showed them."""
+        return _Knowledge.read(notes + "\n" + transcript + "\n" + (feedback or "")).notes()
+
+    def reference_reply(self, notes: str, messages: list[dict]) -> str:
+        """The next command of a careful admin: look for the files it does not know, then do the chore."""
+        return _reference_command(notes, messages)
+
+
+# ---------------------------------------------------------------- the reference policy (observation only)
+_PATH_LINE = re.compile(r"^(/[\w./-]+)$", re.MULTILINE)
+#: A note line, and the easy preset's hint, name a file the same way: "The app's config file is PATH."
+_FILE_NOTE = re.compile(r"The app's (config|log|lock) file is (/[\w./-]+?)[.;]?(?=\s|$)")
+#: Quirk -> (what a command's output shows when it bites, the note that keeps it).
+_QUIRK_SIGNS = {
+    "cat_denied": (re.compile(r"^cat: .*Permission denied$", re.MULTILINE),
+                   "- `cat` is not permitted here: read files with `head -n 50 FILE`."),
+    "find_missing": (re.compile(r"bash: find: command not found"), "- There is no `find` here: list files with `ls` and globs."),
+    "grep_missing": (re.compile(r"bash: grep: command not found"), "- There is no `grep` here: read the log with `head -n 50 FILE`."),
+    "rm_needs_force": (re.compile(r"write-protected regular file"), "- `rm` needs `-f` for write-protected files here."),
+}
+#: Every file with a dot in its name, two to six levels deep (works without ``find``).
+_GLOB_LISTING = "ls " + " ".join("/" + "/".join(["*"] * depth) + ".*" for depth in range(1, 6))
+_CHORE_WORDS = (("port", "port does the app listen"), ("user", "user does the app run as"), ("errors", "contain ERROR"),
+                ("lock", "stale lock file"), ("backup", "Back up the app's config"))
+
+
+class _Knowledge:
+    """What a text (notes, outputs, feedback) says about the machine: the app's files and the quirks met."""
+
+    def __init__(self, files: dict[str, str], quirks: set[str]):
+        self.files, self.quirks = files, quirks
+
+    @classmethod
+    def read(cls, text: str) -> "_Knowledge":
+        files: dict[str, str] = {}
+        for path in _PATH_LINE.findall(text):  # a listing: one path per line
+            kind = _file_kind(path)
+            if kind:
+                files[kind] = path
+        files.update({kind: path for kind, path in _FILE_NOTE.findall(text)})
+        quirks = {q for q, (sign, note) in _QUIRK_SIGNS.items() if sign.search(text) or note in text}
+        return cls(files, quirks)
+
+    def notes(self) -> str:
+        lines = [f"- The app's {kind} file is {self.files[kind]}." for kind in ("config", "log", "lock") if kind in self.files]
+        return "\n".join(lines + [_QUIRK_SIGNS[q][1] for q in QUIRKS if q in self.quirks])
+
+    def reader(self) -> str:
+        return "head -n 50" if "cat_denied" in self.quirks else "cat"
+
+
+def _file_kind(path: str) -> Optional[str]:
+    """``config``, ``log`` or ``lock`` for a path that looks like the app's file of that kind (old copies are not)."""
+    if path.endswith((".ini", ".conf", ".cfg")) and not path.startswith("/etc/"):
+        return "config"
+    return {".log": "log", ".lock": "lock"}.get(posixpath.splitext(path)[1])
+
+
+def _reference_command(notes: str, messages: list[dict]) -> str:
+    """The reference solver's next command (see :meth:`Terminal.reference_reply`)."""
+    outputs = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+    if not outputs:
+        return "```bash\nhelp\n```"
+    know = _Knowledge.read(notes + "\n" + "\n".join(outputs))
+    chore = next((name for name, words in _CHORE_WORDS if words in outputs[0]), None)
+    last = outputs[-1] if len(outputs) > 1 else ""
+    needs = {"port": "config", "user": "config", "backup": "config", "errors": "log", "lock": "lock"}.get(chore or "")
+    command = _chore_step(chore, know, last) if needs in know.files else None
+    if command is None:
+        command = _GLOB_LISTING if "find_missing" in know.quirks else "find / -type f"
+    return f"```bash\n{command}\n```"
+
+
+def _chore_step(chore: str, know: _Knowledge, last: str) -> str:
+    """The chore's next command once its file is known; ``last`` is the latest command's output."""
+    if chore in ("port", "user"):
+        value = re.search(rf"^{chore} = (\S+)$", last, re.MULTILINE)
+        return f"answer {value.group(1)}" if value else f"{know.reader()} {know.files['config']}"
+    if chore == "errors":
+        count = re.fullmatch(r"\$ grep -c ERROR \S+\n(\d+)\n\[.*\]", last.strip())
+        if count:
+            return f"answer {count.group(1)}"
+        lines = re.findall(r"^\d{4}-\d\d-\d\d \S+ (\w+) ", last, re.MULTILINE)
+        if lines:
+            return f"answer {lines.count('ERROR')}"
+        if "grep_missing" in know.quirks:
+            return f"{know.reader()} {know.files['log']}"
+        return f"grep -c ERROR {know.files['log']}"
+    if chore == "lock":
+        return f"rm {'-f ' if 'rm_needs_force' in know.quirks else ''}{know.files['lock']}"
+    return f"cp {know.files['config']} {know.files['config']}.bak"
