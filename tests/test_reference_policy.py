@@ -6,9 +6,12 @@ facts differ from what was revealed, and check that the notes hold only what the
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lifecycle_agent import LifecycleAgent, envs, protocol
+from lifecycle_agent.envs import terminal as terminal_module
 from lifecycle_agent.errors import EnvironmentSpecError, ModelCallError
 from lifecycle_agent.models.teacher import ReferenceTeacher
 
@@ -112,8 +115,127 @@ def test_the_teacher_continues_a_prefilled_update():
 
 
 def test_an_environment_without_a_reference_policy_cannot_teach():
+    class Silent(type(envs.make("fact-recall"))):
+        name = "silent"
+        has_reference_policy = False
+
     with pytest.raises(ModelCallError, match="no reference note-writer"):
-        ReferenceTeacher(envs.make("terminal"))
+        ReferenceTeacher(Silent())
+
+
+# ---------------------------------------------------------------- every environment with a reference policy
+#: Environments whose reference policy is tested here (small and fast); benchmarks/env_reference.py runs
+#: every registered environment that has one, with many more packs.
+LEARNABLE = ("fact-recall", "preference", "alchemy", "terminal")
+
+
+def late_rewards(env, mode, packs, size=6):
+    """Mean reward at positions size//2.. of ``packs`` packs, the teacher run through the agent in ``mode``."""
+    rewards = []
+    for seed in range(packs):
+        agent = LifecycleAgent(ReferenceTeacher(env, "cod-v2"), ":memory:", "t", prompt_set="cod-v2",
+                               parse_policy="strict", context_mode=mode)
+        records = agent.run(env.pack(seed, size).tasks, update_after_last=False).records
+        if mode == "live":
+            assert all(r.update_status == "ok" for r in records[:-1]), [r.update_status for r in records]
+        rewards += [r.reward for r in records[size // 2:]]
+    return sum(rewards) / len(rewards)
+
+
+@pytest.mark.parametrize("name", LEARNABLE)
+@pytest.mark.parametrize("preset", ["train", "hard"])
+def test_the_reference_policy_scores_higher_late_in_the_pack_with_notes(name, preset):
+    env = envs.make(name, preset=preset)
+    assert env.has_reference_policy
+    live, none = late_rewards(env, "live", 16), late_rewards(env, "none", 16)
+    assert live > none, (live, none)
+
+
+@pytest.mark.parametrize("name", LEARNABLE)
+def test_the_oracle_still_reaches_the_optimum(name):
+    env = envs.make(name)
+    for seed in range(12):
+        for task in env.pack(seed, 6).tasks:
+            assert envs.play_oracle(task).reward == pytest.approx(task.optimum())
+
+
+@pytest.mark.parametrize("name", LEARNABLE)
+def test_the_reference_policy_is_deterministic(name):
+    env = envs.make(name)
+    runs = []
+    for _ in range(2):
+        agent = LifecycleAgent(ReferenceTeacher(env, "cod-v2"), ":memory:", "t", prompt_set="cod-v2", parse_policy="strict")
+        runs.append([(r.reward, r.feedback) for r in agent.run(env.pack(9, 5).tasks, update_after_last=False).records])
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- alchemy and terminal notes
+
+
+def play_with_reference(env, task, notes=""):
+    """Solve ``task`` with the reference solver; return the transcript, the last result and the messages."""
+    messages = protocol.solve_messages(notes, task.start(), "cod-v2", task.instructions)
+    for _ in range(task.max_turns):
+        reply = env.reference_reply(notes, messages)
+        messages.append({"role": "assistant", "content": reply})
+        result = task.step(reply)
+        if result.done:
+            break
+        messages.append({"role": "user", "content": result.observation})
+    else:
+        result = task.timeout_result()
+    return protocol.render_transcript(messages), result
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_alchemy_notes_hold_only_recipes_the_agent_performed(seed):
+    env = envs.make("alchemy", preset="hard")
+    pack = env.pack(seed, 3)
+    task = pack.tasks[0]
+    transcript, result = play_with_reference(env, task)
+    notes = env.reference_notes("", transcript, result.reward, result.feedback)
+    for line in notes.splitlines():
+        a, b, made = re.fullmatch(r"- ([a-z]+) \+ ([a-z]+) = ([a-z]+)", line).groups()
+        assert f"{a} + {b}" in transcript or f"{b} + {a}" in transcript, line  # the agent combined them
+        assert task.recipes.get(frozenset((a, b)), "nothing") == made  # and the note is true
+    if result.reward == 1.0:
+        recipe = " + ".join(task.ingredients[task.target])
+        assert f"- {recipe} = {task.target}" in notes  # the last combination is read from the agent's own reply
+
+
+def test_alchemy_solver_crafts_from_its_notes():
+    env = envs.make("alchemy")
+    task = env.pack(4, 1).tasks[0]
+    notes = "\n".join(f"- {' + '.join(task.ingredients[item])} = {item}" for item in task.needed)
+    _, result = play_with_reference(env, task, notes)
+    assert result.reward == 1.0 and task.turns == len(task.needed)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_terminal_notes_hold_only_what_the_commands_showed(seed):
+    env = envs.make("terminal", preset="hard")
+    pack = env.pack(seed, 3)
+    task = pack.tasks[0]
+    transcript, result = play_with_reference(env, task)
+    notes = env.reference_notes("", transcript, result.reward, result.feedback)
+    for path in re.findall(r"file is (/\S+)\.$", notes, re.MULTILINE):
+        assert path in transcript and path in (task.config, task.log, task.lock)
+    for quirk in task.quirks:
+        if quirk not in task.shell.hit:
+            assert terminal_module._QUIRK_SIGNS[quirk][1] not in notes  # a quirk never met is not noted
+
+
+def test_terminal_solver_uses_the_layout_and_quirks_its_notes_give():
+    env = envs.make("terminal", quirks=1)
+    for seed in range(60):
+        task = env.pack(seed, 5).tasks[0]
+        if task.chore not in ("port", "user") or task.quirks != ("cat_denied",):
+            continue
+        notes = f"- The app's config file is {task.config}.\n" + terminal_module._QUIRK_SIGNS["cat_denied"][1]
+        _, result = play_with_reference(env, task, notes)
+        assert result.reward == pytest.approx(task.optimum())  # head -n 50 CONFIG, answer: the oracle's two commands
+        return
+    pytest.skip("no port or user chore with the cat quirk in 60 seeds")
 
 
 # ---------------------------------------------------------------- the preference environment
