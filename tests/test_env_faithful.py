@@ -165,35 +165,32 @@ def test_terminal_easy_preset_gives_the_layout_as_a_hint():
 # ---------------------------------------------------------------- fact-recall and preference
 
 
-@pytest.mark.parametrize("preset", STRICT_PRESETS)
-def test_fact_recall_states_only_the_code_the_task_asked_for_after_the_answer(preset):
-    env = envs.make("fact-recall", preset=preset)
-    rng = random.Random(f"fact-recall-{preset}")
+def played_tasks(name, preset, answer):
+    """``(pack, task, start text, final feedback)`` of every task of PACKS packs, one answer from ``answer(task, rng)``."""
+    env, rng = envs.make(name, preset=preset), random.Random(f"{name}-{preset}")
     for seed in range(PACKS):
         pack = env.pack(seed, SIZE)
         for task in pack.tasks:
-            start, steps = play_recorded(task, lambda _o: f"Answer: {rng.randint(0, 9999)}")
-            assert task.code not in start
-            # what the feedback says beyond echoing the agent's own answer
-            told = re.sub(r"you answered \d+", "", steps[-1][1].feedback)
-            assert re.findall(r"\d+", told) == [task.code]
-            for item in pack.hidden["codes"]:
-                assert (item in told) == (item == task.item)
+            start, steps = play_recorded(task, lambda _o: answer(task, rng))
+            yield pack, task, start, steps[-1][1].feedback
+
+
+@pytest.mark.parametrize("preset", STRICT_PRESETS)
+def test_fact_recall_states_only_the_code_the_task_asked_for_after_the_answer(preset):
+    for pack, task, start, feedback in played_tasks("fact-recall", preset, lambda t, rng: f"Answer: {rng.randint(0, 9999)}"):
+        assert task.code not in start
+        told = re.sub(r"you answered \d+", "", feedback)  # what the feedback says beyond echoing the answer
+        assert re.findall(r"\d+", told) == [task.code]
+        for item in pack.hidden["codes"]:
+            assert (item in told) == (item == task.item)
 
 
 @pytest.mark.parametrize("preset", STRICT_PRESETS)
 def test_preference_states_only_this_task_pick(preset):
-    env = envs.make("preference", preset=preset)
-    rng = random.Random(f"preference-{preset}")
-    for seed in range(PACKS):
-        pack = env.pack(seed, SIZE)
-        for task in pack.tasks:
-            start, steps = play_recorded(task, lambda _o: f"Answer: {rng.choice(task.options)}")
-            assert "picked" not in start and "favourite" not in start
-            feedback = steps[-1][1].feedback
-            for category in pack.hidden["categories"]:
-                if category != task.category:
-                    assert category not in feedback
+    for pack, task, start, feedback in played_tasks("preference", preset, lambda t, rng: f"Answer: {rng.choice(t.options)}"):
+        assert "picked" not in start and "favourite" not in start
+        for category in pack.hidden["categories"]:
+            assert (category in feedback) == (category == task.category)
 
 
 # ---------------------------------------------------------------- every environment

@@ -187,13 +187,17 @@ def play_with_reference(env, task, notes=""):
     return protocol.render_transcript(messages), result
 
 
+def first_task_notes(name, seed):
+    """Task 0 of a ``hard`` pack solved by the reference solver from no notes; ``(task, transcript, result, notes)``."""
+    env = envs.make(name, preset="hard")
+    task = env.pack(seed, 3).tasks[0]
+    transcript, result = play_with_reference(env, task)
+    return task, transcript, result, env.reference_notes("", transcript, result.reward, result.feedback)
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_alchemy_notes_hold_only_recipes_the_agent_performed(seed):
-    env = envs.make("alchemy", preset="hard")
-    pack = env.pack(seed, 3)
-    task = pack.tasks[0]
-    transcript, result = play_with_reference(env, task)
-    notes = env.reference_notes("", transcript, result.reward, result.feedback)
+    task, transcript, result, notes = first_task_notes("alchemy", seed)
     for line in notes.splitlines():
         a, b, made = re.fullmatch(r"- ([a-z]+) \+ ([a-z]+) = ([a-z]+)", line).groups()
         assert f"{a} + {b}" in transcript or f"{b} + {a}" in transcript, line  # the agent combined them
@@ -213,11 +217,7 @@ def test_alchemy_solver_crafts_from_its_notes():
 
 @pytest.mark.parametrize("seed", range(10))
 def test_terminal_notes_hold_only_what_the_commands_showed(seed):
-    env = envs.make("terminal", preset="hard")
-    pack = env.pack(seed, 3)
-    task = pack.tasks[0]
-    transcript, result = play_with_reference(env, task)
-    notes = env.reference_notes("", transcript, result.reward, result.feedback)
+    task, transcript, _, notes = first_task_notes("terminal", seed)
     for path in re.findall(r"file is (/\S+)\.$", notes, re.MULTILINE):
         assert path in transcript and path in (task.config, task.log, task.lock)
     for quirk in task.quirks:
