@@ -43,12 +43,23 @@ def test_lora_flag_is_required(cli, tmp_path):
         (["--loss", "ppo"], "loss_type: must be one of"),
         (["--trl-arg", "temperature=1.0"], "temperature are set by the trainer"),
         (["--trl-arg", "novalue"], "expected KEY=VALUE"),
+        (["--packing", "loop"], "packing: unknown packing 'loop'; packings: cod, ralph_sample, ralph_full, ralph"),
     ],
 )
 def test_bad_options_exit_2_with_the_reason(cli, tmp_path, args, message):
     code, _, err = cli("train", "--lora", "--output", tmp_path / "o", *args)
     assert code == 2 and message in " ".join(err.split())
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_packing_belongs_to_lora(cli, tmp_path):
+    code, _, err = cli("train", "--sft", "--output", tmp_path / "o", "--packing", "ralph_full")
+    assert code == 2 and "--packing belong(s) to --lora" in " ".join(err.split())
+
+
+def test_the_packing_is_stored_with_the_run(tmp_path):
+    config = build_config(tmp_path / "o", {"packing": "ralph"}, resume=False).validate()
+    assert config.packing == "ralph_sample" and config.pack_schedule()[0]["packing"] == "ralph_sample"
 
 
 def test_directory_holding_another_run_is_refused(cli, tmp_path):

@@ -138,7 +138,7 @@ def write_report(output_dir: str | Path, config, before: dict, after: dict, comm
     lines += [
         f"Model `{config.model}` with a LoRA adapter (rank {config.lora_rank}, alpha {config.lora_alpha}, "
         f"`{config.lora_target}`); loss `{config.loss_type}`; {after.get('step', config.max_steps)} optimizer steps of "
-        f"{config.packs_per_step} pack(s) x {config.group_size} rollouts, pack size {config.pack_size}; "
+        f"{config.packs_per_step} pack(s) x {config.group_size} rollouts, pack size {config.pack_size}, `{config.packing}` packing; "
         f"learning rate {config.learning_rate:g}; sampling temperature {config.temperature:g}.",
         "",
         f"Held-out packs: {config.eval_packs} per environment (pack seeds {seeds[0]}..{seeds[-1]}, never trained on), "
