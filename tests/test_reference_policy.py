@@ -151,6 +151,11 @@ def test_the_reference_policy_scores_higher_late_in_the_pack_with_notes(name, pr
     assert live > none, (live, none)
 
 
+def test_describe_lists_the_environments_with_a_reference_policy():
+    listed = {row["name"] for row in envs.describe() if row["has_reference_policy"]}
+    assert set(LEARNABLE) <= listed
+
+
 @pytest.mark.parametrize("name", LEARNABLE)
 def test_the_oracle_still_reaches_the_optimum(name):
     env = envs.make(name)

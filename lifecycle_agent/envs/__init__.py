@@ -112,7 +112,8 @@ def make(name: str, preset: str = "train", **options: Any) -> Environment:
 
 def describe() -> list[dict[str, Any]]:
     """Name, description, presets (with their full option values), default options, eval pack size and
-    what the ``easy`` preset hints (``easy_hints``, empty for none) of every known environment.
+    what the ``easy`` preset hints (``easy_hints``, empty for none) and whether it has a reference
+    policy (``has_reference_policy``) of every known environment.
 
     A registered factory that is not an :class:`Environment` class is described by its
     docstring; its presets are unknown until it is called.
@@ -124,7 +125,8 @@ def describe() -> list[dict[str, Any]]:
         if cls is None:
             doc = (factory.__doc__ or "").strip().split("\n")[0]
             rows.append({"name": name, "description": doc, "presets": [], "preset_options": {}, "options": {},
-                         "eval_pack_size": Environment.eval_pack_size, "easy_hints": ""})
+                         "eval_pack_size": Environment.eval_pack_size, "easy_hints": "",
+                         "has_reference_policy": bool(getattr(factory, "has_reference_policy", False))})
             continue
         presets = {preset: {**cls.defaults, **values} for preset, values in cls.presets.items()}
         rows.append(
@@ -136,6 +138,7 @@ def describe() -> list[dict[str, Any]]:
                 "options": dict(cls.defaults),
                 "eval_pack_size": cls.eval_pack_size,
                 "easy_hints": cls.easy_hints,
+                "has_reference_policy": cls.has_reference_policy,
             }
         )
     return rows
