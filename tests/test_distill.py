@@ -112,8 +112,19 @@ def test_a_teacher_that_fails_every_call_says_so(tmp_path, tiny_llama, monkeypat
 
 
 def test_an_oracle_teacher_needs_an_environment_with_a_reference_policy(tmp_path, tiny_llama):
-    with pytest.raises(TrainConfigError, match="no reference note-writer"):
-        tiny_distill(tmp_path / "out", tiny_llama, envs=["terminal"]).validate()
+    from lifecycle_agent import envs
+    from lifecycle_agent.envs.fact_recall import FactRecall
+
+    class Silent(FactRecall):  # built-ins gain reference policies: this one never has one
+        name = "silent-recall"
+        has_reference_policy = False
+
+    envs.register("silent-recall", Silent)
+    try:
+        with pytest.raises(TrainConfigError, match="no reference note-writer"):
+            tiny_distill(tmp_path / "out", tiny_llama, envs=["silent-recall"]).validate()
+    finally:
+        envs.unregister("silent-recall")
 
 
 @pytest.mark.parametrize("option,value,message", [
