@@ -12,6 +12,7 @@ import pytest
 
 from lifecycle_agent import LifecycleAgent, envs, protocol
 from lifecycle_agent.envs import terminal as terminal_module
+from lifecycle_agent.envs.fact_recall import FactRecall
 from lifecycle_agent.errors import EnvironmentSpecError, ModelCallError
 from lifecycle_agent.models.teacher import ReferenceTeacher
 
@@ -114,11 +115,14 @@ def test_the_teacher_continues_a_prefilled_update():
         "- The secret code of the fig is 12."
 
 
-def test_an_environment_without_a_reference_policy_cannot_teach():
-    class Silent(type(envs.make("fact-recall"))):
-        name = "silent"
-        has_reference_policy = False
+class Silent(FactRecall):
+    """fact-recall without its reference policy (built-ins gain them: this one never has one)."""
 
+    name = "silent"
+    has_reference_policy = False
+
+
+def test_an_environment_without_a_reference_policy_cannot_teach():
     with pytest.raises(ModelCallError, match="no reference note-writer"):
         ReferenceTeacher(Silent())
 
@@ -304,3 +308,61 @@ def test_the_scripted_model_takes_the_value_the_feedback_states_last():
     messages = [{"role": "system", "content": f"## Hints\nnotes\n{notes}\n\nSolve."},
                 {"role": "user", "content": "What is the code of the fig?"}]
     assert lookup_answer(messages).endswith("Answer: 77")
+
+
+# ---------------------------------------------------------------- benchmarks/env_reference.py
+
+
+def load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "env_reference.py"
+    spec = importlib.util.spec_from_file_location("env_reference_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_runs_every_environment_with_a_reference_policy_registered_or_built_in():
+    from lifecycle_agent.envs.preference import Preference
+
+    class Guest(Preference):
+        name = "guest"
+
+    bench = load_benchmark()
+    envs.register("guest", Guest)
+    try:
+        assert "guest" in bench.with_reference_policy() and set(LEARNABLE) <= set(bench.with_reference_policy())
+    finally:
+        envs.unregister("guest")
+
+
+def test_the_benchmark_writes_results_without_machine_paths(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    bench = load_benchmark()
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["env_reference.py", "--env", "fact-recall", "--packs", "2", "--out", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    entry = result["environments"]["fact-recall"]
+    assert entry["oracle"]["reward"] == entry["oracle"]["optimum"] == 1.0
+    assert entry["reference"]["live"]["by_position"] == [0.0, 0.0, 1.0, 1.0] and entry["reference"]["none"]["late"] == 0.0
+    assert entry["harness"]["ms_per_episode"] > 0
+    assert str(tmp_path) not in out.read_text() and "fact-recall" in capsys.readouterr().out
+
+
+def test_the_benchmark_refuses_an_environment_without_a_reference_policy(monkeypatch, capsys):
+    import sys
+
+    bench = load_benchmark()
+    envs.register("silent", Silent)
+    monkeypatch.setattr(sys, "argv", ["env_reference.py", "--env", "silent"])
+    try:
+        with pytest.raises(SystemExit):
+            bench.main()
+    finally:
+        envs.unregister("silent")
+    assert "no reference policy: silent" in capsys.readouterr().err
