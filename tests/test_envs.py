@@ -104,6 +104,8 @@ def test_unknown_option_error_lists_the_options():
         ("optimal-control", {"b_low": 0.9, "b_high": 0.5}, "b_high"),
         ("alchemy", {"tier1": 99}, "tier1"),
         ("terminal", {"quirks": 9}, "quirks"),
+        ("terminal", {"hints": "yes"}, "option hints must be true or false"),
+        ("alchemy", {"hints": 1}, "option hints must be true or false"),
         ("fact-recall", {"items": 16, "digits": 1}, "digits"),
     ],
 )
