@@ -37,7 +37,7 @@ _ECHO = (
     re.compile(r"\b1,\s*2,\s*3,?\s*(?:or|and)\s*4\b"),
     re.compile(r"\b\d+\s+turns?\b", re.IGNORECASE),
     re.compile(r"\bYou (?:executed|played) (?:action )?Direction \d+[^.\n]*\.?", re.IGNORECASE),
-    re.compile(r"\bDirection \d+ (?:moved|would move) you[^.\n]*\.?", re.IGNORECASE),
+    re.compile(r"\b(?:Direction|Action) \d+ (?:moved|would move) you[^.\n]*\.?", re.IGNORECASE),
 )
 _CODE = re.compile(r"(?<![\d.])([1-4])(?!\d|\.\d)")
 _STRICT = re.compile(r"\s*direction\s+(\d+)", re.IGNORECASE)

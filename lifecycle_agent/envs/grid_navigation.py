@@ -209,10 +209,10 @@ def chebyshev(cell: tuple[int, int], radius: int, size: int):
 
 
 def render_costs(costs: list[list[int]], seen, size: int) -> str:
-    header = "     " + "".join(f"{c + 1:>4}" for c in range(size))
+    header = "     " + "".join(f"{c + 1:>3}" for c in range(size))
     rows = [header]
     for r in range(size):
-        cells = "".join(f"{costs[r][c]:>4}" if (r, c) in seen else "   ?" for c in range(size))
+        cells = "".join(f"{costs[r][c]:>3}" if (r, c) in seen else "  ?" for c in range(size))
         rows.append(f"row{r + 1:>2}{cells}")
     return "\n".join(rows)
 
@@ -318,15 +318,15 @@ class GridNavigationTask(EnvTask):
         return StepResult(f"{note}\n{self._status()}", None, False, None)
 
     def _final(self, note: str) -> StepResult:
-        seen = f"\nCosts seen so far (? = not seen yet):\n{self.render()}{self._hint_text()}"
+        seen = f"{note}\nCosts seen so far (? = not seen yet):\n{self.render()}\n"
         if self.position == self.target:
             reward = 1.0 - self._mean() / 100.0
             return StepResult("", reward, True, (
-                f"{note} Success: after round {self.max_turns} you are on the target; the {self.entered} cells you "
-                f"entered cost {self._mean():.1f} on average; reward {reward:.3f}.{seen}"))
+                f"{seen}Success: after round {self.max_turns} you are on the target; the {self.entered} cells you "
+                f"entered cost {self._mean():.1f} on average; reward {reward:.3f}.{self._hint_text()}"))
         return StepResult("", 0.0, True, (
-            f"{note} Failed: after round {self.max_turns} you are at {where(self.position)}, not on the target at "
-            f"{where(self.target)}; reward 0.{seen}"))
+            f"{seen}Failed: after round {self.max_turns} you are at {where(self.position)}, not on the target at "
+            f"{where(self.target)}; reward 0.{self._hint_text()}"))
 
     def _hint_text(self) -> str:
         """The ``hints`` curriculum (easy preset): the cheapest cells of the whole map. Never in train or hard."""
@@ -376,7 +376,7 @@ class GridNavigation(Environment):
     presets = {
         "train": {},
         "easy": {"size": 6, "rounds": [3, 4], "hills": 3, "answer_format": "lenient", "hints": True},
-        "hard": {"size": [12, 16], "rounds": [6, 8], "hills": 6, "reveal_radius": 1},
+        "hard": {"size": [12, 14], "rounds": [6, 8], "hills": 6, "reveal_radius": 1},
     }
 
     def __init__(self, preset: str = "train", **options: Any):
