@@ -48,7 +48,7 @@ _MOVE = re.compile(
 )
 _NOTE = re.compile(r"direction ([1-4]) moves (up|down|left|right)", re.IGNORECASE)
 _MAP_ROW = re.compile(r"^[@GH.](?: [@GH.])+$")
-_TURNS_LEFT = re.compile(r"(\d+) turns? left")
+_TURNS_LEFT = re.compile(r"(\d+) turns? remaining")
 
 
 def parse_code(reply: str) -> Optional[str]:
@@ -153,11 +153,11 @@ class FrozenLakeTask(EnvTask):
 
     def _status(self, legend: bool = False) -> str:
         left = self.max_turns - self.turns
-        title = "Map (@ you, G goal, H hole, . ice; row 1 is the top row, column 1 the left column)" if legend else "Map"
+        title = "Map (@ you, G goal, H hole, . ice; row 1 is the top row, column 1 the first column)" if legend else "Map"
         return (
             f"{title}:\n{self.render()}\n"
             f"You are at {where(self.position)}; the goal is at {where(self.goal)}. "
-            f"{left} turn{'s' if left != 1 else ''} left. {self._reply_with()}"
+            f"{left} turn{'s' if left != 1 else ''} remaining. {self._reply_with()}"
         )
 
     def start(self) -> str:
