@@ -278,13 +278,14 @@ def test_packs_are_deterministic_from_the_seed_and_do_not_share_state(name):
 
 
 @pytest.mark.parametrize("name", ["frozen-lake-obscure", "grid-navigation", "optimal-control"])
-def test_easy_presets_say_they_give_hints_in_envs_list(name, capsys):
+def test_easy_presets_say_they_give_hints_in_envs_list(name):
     from lifecycle_agent.cli import app
     from typer.testing import CliRunner
 
     row = next(r for r in envs.describe() if r["name"] == name)
     assert row["preset_options"]["easy"]["hints"] is True
     assert row["preset_options"]["train"]["hints"] is False and row["preset_options"]["hard"]["hints"] is False
+    assert "easy preset: hints" in row["description"]  # shown even where the presets column is not
     result = CliRunner().invoke(app, ["envs", "list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "hints=True" in result.output
 
