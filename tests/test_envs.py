@@ -345,10 +345,11 @@ def test_oracle_scores_exactly_one_where_the_optimum_is_one(name):
             assert play_oracle(task).reward == 1.0
 
 
-def test_frozen_lake_optimum_is_one_minus_a_tenth_of_the_shortest_path_share():
+def test_frozen_lake_oracle_reaches_the_goal_by_a_shortest_path_for_reward_one():
     task = envs.make("frozen-lake-obscure").pack(seed=11, size=1).tasks[0]
-    assert task.optimum() == pytest.approx(1 - 0.1 * task.distance / task.max_turns)
-    assert play_oracle(task).turns == task.distance
+    episode = play_oracle(task)
+    assert task.optimum() == episode.reward == 1.0  # the reference's reward: 1 at the goal, whatever the turns
+    assert episode.turns == task.distance
 
 
 def test_grid_navigation_optimum_beats_every_random_route():
@@ -360,7 +361,7 @@ def test_grid_navigation_optimum_beats_every_random_route():
         best = task.optimum()
         for _ in range(300):
             position, spent, entered = task.start_cell, 0, 0
-            for _ in range(task.max_turns):
+            for _ in range(task.max_turns):  # exactly max_turns moves; only where they end counts
                 r, c = position
                 choices = [(r, j) for j in range(task.size) if j != c] + [(i, c) for i in range(task.size) if i != r]
                 position_next = rng.choice(choices)
@@ -368,9 +369,8 @@ def test_grid_navigation_optimum_beats_every_random_route():
                 spent += sum(task.costs[i][j] for i, j in cells)
                 entered += len(cells)
                 position = position_next
-                if position == task.target:
-                    assert 1 - spent / entered / 100 <= best + 1e-12
-                    break
+            if position == task.target:
+                assert 1 - spent / entered / 100 <= best + 1e-12
 
 
 def test_optimal_control_optimum_satisfies_the_optimality_conditions():
@@ -382,7 +382,8 @@ def test_optimal_control_optimum_satisfies_the_optimality_conditions():
             u = task.optimal_controls()
 
             def loss(controls):
-                return simulate(task.a, task.b, task.x0, task.v0, task.goal, task.horizon, lambda x, v, t: controls[t])["loss"]
+                return simulate(task.a, task.b, task.x0, task.v0, task.goal, task.horizon, lambda x, v, t: controls[t],
+                                task.v_goal)["loss"]
 
             base = loss(u)
             for i in range(len(u)):  # no feasible coordinate move lowers the convex loss: the KKT conditions
@@ -397,15 +398,32 @@ def test_optimal_control_optimum_satisfies_the_optimality_conditions():
 # --------------------------------------------------------------------------- rewards and feedback
 
 
-def test_frozen_lake_format_error_ends_the_task_with_reward_zero():
-    task = envs.make("frozen-lake-obscure").pack(seed=1, size=1).tasks[0]
+@pytest.mark.parametrize("answer_format, says", [("strict", "Expected <answer>Direction X</answer>"), ("lenient", "held no action code")])
+def test_frozen_lake_format_error_ends_the_task_with_reward_zero(answer_format, says):
+    task = envs.make("frozen-lake-obscure", answer_format=answer_format).pack(seed=1, size=1).tasks[0]
     task.start()
     result = task.step("I am not sure what to do.")
     assert (result.reward, result.done) == (0.0, True)
-    assert "held no action code" in result.feedback
+    assert says in result.feedback
 
 
-def test_frozen_lake_hole_gives_reward_zero_and_names_the_codes_tried():
+@pytest.mark.parametrize("reply", ["Action: 3", "3", "<answer>3</answer>", "<answer>Direction 5</answer>", "<answer>Direction</answer>"])
+def test_frozen_lake_strict_format_refuses_anything_but_an_answer_direction_block(reply):
+    task = envs.make("frozen-lake-obscure").pack(seed=1, size=1).tasks[0]
+    task.start()
+    result = task.step(reply)
+    assert (result.reward, result.done) == (0.0, True) and "Invalid format" in result.feedback
+
+
+def test_frozen_lake_strict_format_reads_the_last_answer_block():
+    task = envs.make("frozen-lake-obscure").pack(seed=1, size=1).tasks[0]
+    task.start()
+    result = task.step("I think <answer>Direction 9</answer> is wrong, so:\n<answer> direction 2 </answer>")
+    assert task.turns == 1 and "Direction 2" in (result.observation or result.feedback)
+    assert "Invalid" not in (result.feedback or "")
+
+
+def test_frozen_lake_hole_gives_reward_zero_and_shows_only_the_position_change():
     from lifecycle_agent.envs.frozen_lake import DIRECTIONS
 
     env = envs.make("frozen-lake-obscure", holes=0.6)
@@ -416,9 +434,10 @@ def test_frozen_lake_hole_gives_reward_zero_and_names_the_codes_tried():
             direction = task.mapping[code]
             dr, dc = DIRECTIONS[direction]
             if (task.position[0] + dr, task.position[1] + dc) in task.holes:
-                result = task.step(code)
+                result = task.step(f"<answer>Direction {code}</answer>")
                 assert (result.reward, result.done) == (0.0, True)
-                assert f"{code} = {direction}" in result.feedback
+                assert "into the hole at" in result.feedback
+                assert direction not in result.feedback
                 return
     pytest.fail("no map with a hole next to the start in 200 seeds")
 
@@ -426,7 +445,7 @@ def test_frozen_lake_hole_gives_reward_zero_and_names_the_codes_tried():
 def test_frozen_lake_timeout_gives_reward_zero():
     task = envs.make("frozen-lake-obscure").pack(seed=3, size=1).tasks[0]
     bump = next(code for code in "1234" if _off_map(task, code))
-    episode = play(task, lambda _: bump)
+    episode = play(task, lambda _: f"<answer>Direction {bump}</answer>")
     assert episode.reward == 0.0
     assert episode.turns == task.max_turns
     assert "ran out" in episode.feedback
@@ -441,11 +460,12 @@ def _off_map(task, code) -> bool:
 
 
 def test_grid_navigation_reward_is_one_minus_mean_entered_cost():
-    task = envs.make("grid-navigation").pack(seed=8, size=1).tasks[0]
+    task = next(t for s in range(100) for t in [envs.make("grid-navigation", rounds=2).pack(seed=s, size=1).tasks[0]]
+                if t.start_cell[0] != t.target[0] and t.start_cell[1] != t.target[1])
     task.start()
     (r0, c0), (r1, c1) = task.start_cell, task.target
-    task.step(f"Move: row {r0 + 1}, column {c1 + 1}")
-    result = task.step(f"Move: row {r1 + 1}, column {c1 + 1}")
+    assert not task.step(f"<answer>{r0 + 1},{c1 + 1}</answer>").done
+    result = task.step(f"<answer>{r1 + 1},{c1 + 1}</answer>")
     costs = task.costs
     step = 1 if c1 > c0 else -1
     entered = [costs[r0][c] for c in range(c0 + step, c1 + step, step)]
@@ -455,8 +475,8 @@ def test_grid_navigation_reward_is_one_minus_mean_entered_cost():
     assert result.reward == pytest.approx(1 - sum(entered) / len(entered) / 100)
 
 
-def test_grid_navigation_move_off_the_line_is_lost_not_fatal():
-    task = envs.make("grid-navigation").pack(seed=8, size=1).tasks[0]
+def test_grid_navigation_move_off_the_line_is_lost_not_fatal_when_lenient():
+    task = envs.make("grid-navigation", answer_format="lenient").pack(seed=8, size=1).tasks[0]
     task.start()
     r, c = task.start_cell
     result = task.step(f"Move: row {(r + 1) % task.size + 1}, column {(c + 1) % task.size + 1}")
@@ -464,10 +484,35 @@ def test_grid_navigation_move_off_the_line_is_lost_not_fatal():
     assert "not along your row or column" in result.observation
 
 
+@pytest.mark.parametrize("move", ["off the line", "unreadable", "off the map", "stay"])
+def test_grid_navigation_invalid_move_ends_the_task_when_strict(move):
+    task = envs.make("grid-navigation").pack(seed=8, size=1).tasks[0]
+    task.start()
+    r, c = task.start_cell
+    reply = {"off the line": f"<answer>{(r + 1) % task.size + 1},{(c + 1) % task.size + 1}</answer>",
+             "unreadable": "Move: row 1, column 1", "off the map": f"<answer>{r + 1},{task.size + 3}</answer>",
+             "stay": f"<answer>{r + 1},{c + 1}</answer>"}[move]
+    result = task.step(reply)
+    assert (result.reward, result.done) == (0.0, True) and result.feedback.startswith("Invalid move")
+
+
+def test_grid_navigation_landing_on_the_target_early_does_not_end_the_task():
+    for seed in range(50):
+        task = envs.make("grid-navigation").pack(seed=seed, size=1).tasks[0]
+        task.start()
+        r, c = task.start_cell
+        if r != task.target[0] and c != task.target[1]:
+            continue
+        result = task.step(f"<answer>{task.target[0] + 1},{task.target[1] + 1}</answer>")
+        assert not result.done and f"{task.max_turns - 1} moves left" in result.observation
+        return
+    pytest.fail("no task with the target in line with the start in 50 seeds")
+
+
 def test_optimal_control_reward_is_one_over_one_plus_loss():
     from lifecycle_agent.envs.optimal_control import simulate
 
-    task = envs.make("optimal-control").pack(seed=2, size=1).tasks[0]
+    task = envs.make("optimal-control", answer_format="lenient").pack(seed=2, size=1).tasks[0]
     task.start()
     result = task.step("u = clip(0.4*(goal - x) - v, -1, 1)")
     expected = simulate(
@@ -481,17 +526,39 @@ def test_optimal_control_best_attempt_counts():
     task = envs.make("optimal-control", attempts=2).pack(seed=2, size=1).tasks[0]
     task.start()
     good = task.step(task.oracle_action())
-    final = task.step("u = 0")
+    final = task.step("<answer><action_expression>0</action_expression></answer>")
     assert final.done
     assert final.reward == pytest.approx(good.reward)
 
 
 def test_optimal_control_unreadable_policy_scores_zero_and_explains_the_language():
-    task = envs.make("optimal-control", attempts=1).pack(seed=2, size=1).tasks[0]
+    task = envs.make("optimal-control", attempts=1, answer_format="lenient").pack(seed=2, size=1).tasks[0]
     task.start()
     result = task.step("I would push hard towards the goal.")
     assert (result.reward, result.done) == (0.0, True)
     assert "u = <expression>" in result.feedback
+
+
+@pytest.mark.parametrize("reply, why", [
+    ("u = clip(x_target - x, -1, 1)", "no <answer>"),
+    ("```\n<answer><action_expression>0</action_expression></answer>\n```", "code fences"),
+    ("<answer><action_expression>0</action_expression></answer> and more", "must end the reply"),
+    ("<answer>0</answer>", "exactly one <action_expression>"),
+    ("<answer><action_expression>os.system(1)</action_expression></answer>", "os"),
+])
+def test_optimal_control_strict_format_refuses_what_the_reference_refuses(reply, why):
+    task = envs.make("optimal-control").pack(seed=2, size=1).tasks[0]
+    task.start()
+    result = task.step(reply)
+    assert (result.reward, result.done) == (0.0, True) and why in result.feedback
+
+
+def test_optimal_control_strict_format_reads_the_reference_answer_with_escapes():
+    task = envs.make("optimal-control").pack(seed=2, size=1).tasks[0]
+    task.start()
+    reply = "Reasoning.\n<answer>\n  <action_expression>\n    1 if x_target &gt; x else -1\n  </action_expression>\n</answer>\n"
+    result = task.step(reply)
+    assert result.done and result.reward > 0.0 and "1 if x_target > x else -1" in result.feedback
 
 
 def test_alchemy_partial_credit_counts_made_ingredients():

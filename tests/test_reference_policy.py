@@ -366,3 +366,73 @@ def test_the_benchmark_refuses_an_environment_without_a_reference_policy(monkeyp
     finally:
         envs.unregister("silent")
     assert "no reference policy: silent" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the game environments
+#: name -> (options, packs, pack size): small enough for the fast suite. grid-navigation keeps what was
+#: revealed on the pack by default (the reference's rule), which helps ``none`` as much as ``live``; without
+#: it the notes are the only memory of the map.
+GAMES = {
+    "frozen-lake-obscure": ({}, 12, 6),
+    "grid-navigation": ({"reveal_across_pack": False}, 8, 4),
+    "optimal-control": ({}, 12, 4),
+}
+
+
+def late_rewards(env, mode, packs, size):
+    total = 0.0
+    for seed in range(packs):
+        agent = LifecycleAgent(ReferenceTeacher(env, "cod-v2"), ":memory:", "t", prompt_set="cod-v2",
+                               parse_policy="strict", context_mode=mode)
+        records = agent.run(env.pack(seed, size).tasks, update_after_last=False).records
+        total += sum(r.reward for r in records[size // 2:])
+        if mode == "live":
+            assert all(r.update_status == "ok" for r in records[:-1])
+    return total / (packs * (size - size // 2))
+
+
+@pytest.mark.parametrize("name", GAMES)
+def test_the_game_teacher_through_the_agent_does_better_with_notes_than_without(name):
+    options, packs, size = GAMES[name]
+    env = envs.make(name, **options)
+    live, none = late_rewards(env, "live", packs, size), late_rewards(env, "none", packs, size)
+    assert live > none + 0.05, (live, none)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_frozen_lake_notes_hold_only_codes_whose_moves_were_shown(seed):
+    env = envs.make("frozen-lake-obscure")
+    pack, task, (transcript, reward, feedback) = play_first_task(env, seed)
+    notes = env.reference_notes("", transcript, reward, feedback)
+    from lifecycle_agent.envs.frozen_lake import read_moves
+
+    shown = read_moves(f"{transcript}\n{feedback}")
+    noted = dict(re.findall(r"Direction (\d) moves (\w+)", notes))
+    assert set(shown) <= set(noted) and len(noted) <= len(shown) + (1 if len(shown) == 3 else 0)
+    assert all(pack.hidden["mapping"][code] == direction for code, direction in noted.items())
+
+
+def test_the_game_notes_follow_what_was_shown_not_the_pack():
+    lake = envs.make("frozen-lake-obscure")
+    shown = "Environment: You executed action Direction 2. Your position changed from row 1, column 1 to row 1, column 2."
+    assert lake.reference_notes("", shown, 0.0, "Failed.") == "- Direction 2 moves right."
+    grid = envs.make("grid-navigation")
+    feedback = "Costs seen so far (? = not seen yet):\n       1  2\nrow 1  7  ?\nrow 2  ? 42\nFailed."
+    notes = grid.reference_notes("", "", 0.0, feedback)
+    from lifecycle_agent.envs.grid_navigation import read_costs
+
+    assert read_costs(notes) == {(0, 0): 7, (1, 1): 42}
+    control = envs.make("optimal-control")
+    table = "\n".join(f"{t:>3}  {0.0:>10.3f}  {v:>10.3f}  {u:>10.3f}" for t, v, u in [(0, 1.0, 1.0), (1, 0.5, -1.0), (2, -0.85, 0.0)])
+    notes = control.reference_notes("", "", 0.5, table)
+    # v1 = a*1 + b*1 = 0.5 and v2 = a*0.5 - b = -0.85: a = -0.233, b = 0.733 (whatever the pack)
+    assert "v' = -0.2333*v + 0.7333*u" in notes
+
+
+def test_the_game_notes_keep_older_knowledge_when_a_task_shows_nothing():
+    lake = envs.make("frozen-lake-obscure")
+    assert lake.reference_notes("- Direction 1 moves up.", "Environment: no move", 0.0, "Invalid format.") == \
+        "- Direction 1 moves up."
+    control = envs.make("optimal-control")
+    old = "- Dynamics fitted to observed steps: v' = 0.9000*v + -0.5000*u."
+    assert control.reference_notes(old, "", 0.0, "Attempt 1: I could not use your controller.") == old

@@ -70,3 +70,12 @@ def shorten(text: str, width: int = 80) -> str:
     """One line of at most ``width`` characters, for quoting a reply back in feedback."""
     text = " ".join((text or "").split())
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+def answer_block(reply: str) -> Optional[str]:
+    """The content of the last ``<answer>...</answer>`` block of a reply (the strict answer format), or ``None``."""
+    found = _ANSWER_BLOCK.findall((reply or "")[-MAX_REPLY_CHARS:])
+    return found[-1] if found else None
