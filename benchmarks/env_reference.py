@@ -15,7 +15,8 @@ For each registered environment with ``has_reference_policy`` (built-in or added
    scripted model over the same environment (``live`` mode, SQLite on disk): everything measured
    is the runtime, the prompts, the parsing, the store and the environment's own steps.
 
-Run: ``python benchmarks/env_reference.py [--packs 64] [--preset train] [--env NAME,...]``.
+Run: ``python benchmarks/env_reference.py [--packs 64] [--preset train] [--env NAME,...] [--option KEY=VALUE]``
+(``--option`` as on ``lifecycle-agent eval``, e.g. ``--env grid-navigation --option reveal_across_pack=false``).
 Prints a table (``--markdown``: the table of docs/environments.md) and writes
 ``benchmarks/results/env_reference.json``.
 """
@@ -34,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lifecycle_agent import envs  # noqa: E402
+from lifecycle_agent.cli.eval import parse_options  # noqa: E402
+from lifecycle_agent.errors import LifecycleAgentError  # noqa: E402
 from lifecycle_agent.eval import PACK_SEED_STRIDE, default_pack_size, evaluate  # noqa: E402
 from lifecycle_agent.models.scripted import ScriptedModel  # noqa: E402
 from lifecycle_agent.models.teacher import ReferenceTeacher  # noqa: E402
@@ -90,11 +93,11 @@ def harness_cost(env, packs: int, size: int) -> dict:
     return {"ms_per_episode": best, "episodes": episodes}
 
 
-def measure(name: str, preset: str, packs: int, pack_size, prompt_set: str) -> dict:
-    env = envs.make(name, preset=preset)
+def measure(name: str, preset: str, packs: int, pack_size, prompt_set: str, options: dict) -> dict:
+    env = envs.make(name, preset=preset, **options)
     size = pack_size or default_pack_size(env)
     return {
-        "preset": preset, "pack_size": size, "packs": packs,
+        "preset": preset, "options": options, "pack_size": size, "packs": packs,
         "oracle": oracle(env, packs, size),
         "reference": reference(env, packs, size, prompt_set),
         "harness": harness_cost(env, min(packs, 16), size),
@@ -127,6 +130,8 @@ def main() -> None:
     parser.add_argument("--packs", type=int, default=64, help="packs per environment and mode (default 64)")
     parser.add_argument("--pack-size", type=int, default=None, help="tasks per pack (default: each environment's eval default)")
     parser.add_argument("--prompt-set", default=DEFAULT_PROMPT_SET, help=f"prompt set (default {DEFAULT_PROMPT_SET})")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment option for every environment measured (repeatable)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/environments.md)")
     parser.add_argument("--out", type=Path, default=RESULT, help="JSON results (default benchmarks/results/env_reference.json)")
     args = parser.parse_args()
@@ -136,15 +141,22 @@ def main() -> None:
     missing = [n for n in names if not getattr(envs.factory_for(n), "has_reference_policy", False)]
     if missing:
         parser.error(f"no reference policy: {', '.join(missing)}; environments with one: {', '.join(with_reference_policy())}")
+    try:
+        options = parse_options(args.option, names)
+        for name in names:
+            envs.make(name, preset=args.preset, **options.get(name, {}))  # unknown options: a clear error now
+    except LifecycleAgentError as exc:
+        parser.error(str(exc))
     started = time.perf_counter()
     results = {
         "settings": {"preset": args.preset, "packs": args.packs, "seed": SEED, "prompt_set": args.prompt_set,
-                     "parse_policy": "strict"},
+                     "parse_policy": "strict", "options": [item for item in args.option]},
         "environments": {},
         "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
     }
     for name in names:
-        results["environments"][name] = measure(name, args.preset, args.packs, args.pack_size, args.prompt_set)
+        results["environments"][name] = measure(name, args.preset, args.packs, args.pack_size, args.prompt_set,
+                                                options.get(name, {}))
         print(f"{name}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -379,18 +379,6 @@ GAMES = {
 }
 
 
-def late_rewards(env, mode, packs, size):
-    total = 0.0
-    for seed in range(packs):
-        agent = LifecycleAgent(ReferenceTeacher(env, "cod-v2"), ":memory:", "t", prompt_set="cod-v2",
-                               parse_policy="strict", context_mode=mode)
-        records = agent.run(env.pack(seed, size).tasks, update_after_last=False).records
-        total += sum(r.reward for r in records[size // 2:])
-        if mode == "live":
-            assert all(r.update_status == "ok" for r in records[:-1])
-    return total / (packs * (size - size // 2))
-
-
 @pytest.mark.parametrize("name", GAMES)
 def test_the_game_teacher_through_the_agent_does_better_with_notes_than_without(name):
     options, packs, size = GAMES[name]

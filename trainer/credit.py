@@ -10,15 +10,14 @@ positions j = 0..S-1, solve rewards ``r_x[i][j]`` and update rewards ``r_z[i][j]
     advantage        A[i][j]  = R[i][j] - b[j]          (optionally / (std over i + eps))
 
 An update is credited with the tasks it can still influence. Every function here is pure
-Python on nested lists; numpy arrays and torch tensors are accepted and given back as the same
-type (neither library is imported unless the caller already uses it).
+Python: lists in, lists out. Arrays and tensors are read through their ``tolist()`` at the
+boundary (:func:`_rows`), so the math below sees nothing but lists of floats.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import sys
 from collections import defaultdict
 from typing import Any, Hashable, Optional, Sequence
 
@@ -74,23 +73,23 @@ def group_advantages(returns: list[list[float]], normalize_std: bool = False) ->
     return advantages
 
 
-def cod_advantages(solve_rewards: Any, update_rewards: Any, normalize_std: bool = False) -> tuple[Any, Any]:
+def cod_advantages(
+    solve_rewards: Sequence[Sequence[float]], update_rewards: Sequence[Sequence[float]], normalize_std: bool = False
+) -> tuple[list[list[float]], list[list[float]]]:
     """Advantages of every solve and update episode of the G rollouts of one pack.
 
     Args:
-        solve_rewards: G x S rewards ``r_x`` (nested lists, a 2-D numpy array or a 2-D tensor).
+        solve_rewards: G x S rewards ``r_x`` (nested lists; a 2-D array or tensor is read with ``tolist()``).
         update_rewards: G x (S-1) rewards ``r_z`` (0 for a parsed update, -0.1 for an unparseable one).
         normalize_std: divide by the group's standard deviation at each (type, position).
 
     Returns:
-        ``(solve_advantages, update_advantages)`` with the shapes of the inputs, each of the type of
-        its input: a numpy array or tensor (floating dtype of the input, else float64 / float32)
-        for an array or tensor, nested lists otherwise.
+        ``(solve_advantages, update_advantages)``: nested lists of the shapes of the inputs.
 
     Raises ValueError for ragged, mismatched, non-numeric or non-finite input, naming the offending cell.
     """
-    r_x = _as_matrix(solve_rewards, "solve_rewards")
-    r_z = _as_matrix(update_rewards, "update_rewards")
+    r_x = _matrix(solve_rewards, "solve_rewards")
+    r_z = _matrix(update_rewards, "update_rewards")
     if not r_x:
         raise ValueError("solve_rewards holds no rollout: pass G x S rewards with G >= 1")
     size = len(r_x[0])
@@ -108,31 +107,10 @@ def cod_advantages(solve_rewards: Any, update_rewards: Any, normalize_std: bool 
             )
     adv_x = group_advantages(solve_returns(r_x), normalize_std)
     adv_z = group_advantages(update_returns(r_z, r_x), normalize_std) if size > 1 else [[] for _ in r_x]
-    return _like(solve_rewards, adv_x, (len(r_x), size)), _like(update_rewards, adv_z, (len(r_x), size - 1))
+    return adv_x, adv_z
 
 
-def _array_kind(values: Any) -> Optional[str]:
-    """``"numpy"`` or ``"torch"`` for an array of that library, else ``None`` (the libraries are not imported here)."""
-    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
-    if numpy is not None and isinstance(values, numpy.ndarray):
-        return "numpy"
-    if torch is not None and isinstance(values, torch.Tensor):
-        return "torch"
-    return None
-
-
-def _like(template: Any, values: list, shape: tuple[int, ...]) -> Any:
-    """``values`` as the type of ``template``: an array or tensor of ``shape`` (its dtype when floating), else as is."""
-    kind = _array_kind(template)
-    if kind == "numpy":
-        numpy = sys.modules["numpy"]
-        dtype = template.dtype if numpy.issubdtype(template.dtype, numpy.floating) else numpy.float64
-        return numpy.asarray(values, dtype=dtype).reshape(shape)
-    if kind == "torch":
-        torch = sys.modules["torch"]
-        dtype = template.dtype if template.dtype.is_floating_point else torch.float32
-        return torch.tensor(values, dtype=dtype).reshape(shape)
-    return values
+# ---------------------------------------------------------------- the boundary: anything in, lists of floats out
 
 
 def _number(value: Any, where: str) -> float:
@@ -142,33 +120,33 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _as_matrix(values: Any, name: str) -> list[list[float]]:
-    if _array_kind(values) is not None:
-        if values.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (G rollouts x positions), got shape {tuple(values.shape)}")
+def _rows(values: Any, name: str, what: str) -> list:
+    """``values`` as a list: a list or tuple as is, an array or tensor through ``tolist()``, else a ValueError."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
-        raise ValueError(
-            f"{name} must be G x positions rewards (nested lists, a 2-D numpy array or tensor), got {type(values).__name__}"
-        )
+        raise ValueError(f"{name} must be {what}, got {type(values).__name__}")
+    return list(values)
+
+
+def _vector(values: Any, name: str) -> list[float]:
+    """One value per episode, as floats."""
+    items = _rows(values, name, "a list of numbers (one value per episode)")
+    if any(isinstance(item, (list, tuple)) for item in items):
+        raise ValueError(f"{name} must be 1-D (one value per episode), got nested lists")
+    return [_number(item, f"{name}[{k}]") for k, item in enumerate(items)]
+
+
+def _matrix(values: Any, name: str) -> list[list[float]]:
+    """G rows of rewards, as floats."""
+    rows = _rows(values, name, "G x positions rewards (a list of lists)")
     matrix = []
-    for i, row in enumerate(values):
-        if _array_kind(row) is not None and row.ndim == 1:
-            row = row.tolist()
-        if not isinstance(row, (list, tuple)):
-            raise ValueError(f"{name}[{i}] must be a list of rewards, got {type(row).__name__}")
+    for i, row in enumerate(rows):
+        row = _rows(row, f"{name}[{i}]", "a list of rewards (2-D input: G rollouts x positions)")
+        if any(isinstance(item, (list, tuple)) for item in row):
+            raise ValueError(f"{name} must be 2-D (G rollouts x positions), got a deeper nesting at {name}[{i}]")
         matrix.append([_number(value, f"{name}[{i}][{j}]") for j, value in enumerate(row)])
     return matrix
-
-
-def _as_vector(values: Any, name: str) -> list[Any]:
-    if _array_kind(values) is not None:
-        if values.ndim != 1:
-            raise ValueError(f"{name} must be 1-D (one value per episode), got shape {tuple(values.shape)}")
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{name} must be a list, 1-D numpy array or 1-D tensor, got {type(values).__name__}")
-    return list(values)
 
 
 def update_reward(status: Optional[str], penalty: float = PARSE_FAILURE_REWARD) -> float:
@@ -181,11 +159,11 @@ def update_reward(status: Optional[str], penalty: float = PARSE_FAILURE_REWARD) 
 
 
 def reweight_advantages(
-    advantages: Any,
-    lengths: Any,
+    advantages: Sequence[float],
+    lengths: Sequence[float],
     t_min: float = REWEIGHT_T_MIN,
     t_max: float = REWEIGHT_T_MAX,
-) -> tuple[Any, Optional[float]]:
+) -> tuple[list[float], Optional[float]]:
     """The paper's optional adaptive re-weighting of a batch of advantages.
 
     ``lengths[k]`` is the number of completion tokens that carry ``advantages[k]``. When the
@@ -199,13 +177,12 @@ def reweight_advantages(
     ``f(t_max) >= 0`` already, T = ``t_max``; when even ``f(t_min) < 0``, T = ``t_min`` (the closest
     to balance the range allows).
 
-    ``advantages`` and ``lengths`` are lists, 1-D numpy arrays or 1-D tensors; the new advantages
-    come back as the type of ``advantages``. Returns ``(new_advantages, T)``; ``T`` is ``None``
-    (advantages unchanged) when the sum is >= 0. Raises ValueError for mismatched lengths,
+    ``advantages`` and ``lengths`` are lists (a 1-D array or tensor is read with ``tolist()``).
+    Returns ``(new_advantages, T)``, the advantages as a list; ``T`` is ``None`` (advantages
+    unchanged) when the sum is >= 0. Raises ValueError for mismatched lengths,
     non-numeric or non-finite values, or a negative length.
     """
-    values = [_number(a, f"advantages[{k}]") for k, a in enumerate(_as_vector(advantages, "advantages"))]
-    counts = [_number(n, f"lengths[{k}]") for k, n in enumerate(_as_vector(lengths, "lengths"))]
+    values, counts = _vector(advantages, "advantages"), _vector(lengths, "lengths")
     if len(values) != len(counts):
         raise ValueError(f"got {len(values)} advantages but {len(counts)} lengths; pass one length per advantage")
     negative = [k for k, n in enumerate(counts) if n < 0]
@@ -220,10 +197,10 @@ def reweight_advantages(
         return sum(a * math.exp(a / temperature) * n for a, n in zip(values, counts))
 
     if weighted_sum(None) >= 0:
-        return _like(advantages, values, (len(values),)), None
+        return values, None
     tolerance = REWEIGHT_RTOL * sum(abs(a) * n for a, n in zip(values, counts))
     temperature = _balancing_temperature(weighted_sum, t_min, t_max, tolerance)
-    return _like(advantages, [a * math.exp(a / temperature) for a in values], (len(values),)), temperature
+    return [a * math.exp(a / temperature) for a in values], temperature
 
 
 def _balancing_temperature(weighted_sum, t_min: float, t_max: float, tolerance: float) -> float:
@@ -273,11 +250,10 @@ def batch_advantages(
     solve_adv: list[list[float]] = [[] for _ in packs]
     update_adv: list[list[float]] = [[] for _ in packs]
     for members in groups.values():
-        adv_x, adv_z = cod_advantages(
-            [list(solve_rewards[k]) for k in members], [list(update_rewards[k]) for k in members], normalize_std
-        )
+        adv_x, adv_z = cod_advantages([solve_rewards[k] for k in members], [update_rewards[k] for k in members],
+                                      normalize_std)
         for k, ax, az in zip(members, adv_x, adv_z):
-            solve_adv[k], update_adv[k] = list(ax), list(az)
+            solve_adv[k], update_adv[k] = ax, az
     if not reweight:
         return solve_adv, update_adv, None
     if solve_tokens is None or update_tokens is None:

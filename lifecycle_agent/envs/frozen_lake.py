@@ -271,9 +271,9 @@ def complete(mapping: dict[str, str]) -> dict[str, str]:
 class FrozenLakeObscure(Environment):
     name = "frozen-lake-obscure"
     description = (
-        "Frozen lake whose action codes 1-4 map to directions by a secret, per-pack permutation "
-        "(easy preset: hints name each code's direction)."
+        "Frozen lake whose action codes 1-4 map to directions by a secret, per-pack permutation."
     )
+    easy_hints = "the feedback names the direction each code tried moved you"
     defaults: dict[str, Any] = {
         "size": [4, 5], "holes": [0.3, 0.4], "min_moves": 2, "max_moves": 6, "max_turns": 8,
         "answer_format": "strict", "hints": False,

@@ -369,9 +369,9 @@ def where(cell: tuple[int, int]) -> str:
 class GridNavigation(Environment):
     name = "grid-navigation"
     description = (
-        "Rook moves over a hidden per-pack landscape of cost hills; exactly N rounds; cells seen stay revealed "
-        "(easy preset: hints name the cheapest cells)."
+        "Rook moves over a hidden per-pack landscape of cost hills; exactly N rounds; cells seen stay revealed."
     )
+    easy_hints = "the observation names the cheapest cells of the whole map"
     defaults: dict[str, Any] = {
         "size": [8, 12], "rounds": [4, 6], "hills": 4, "reveal_radius": 2, "reveal_across_pack": True,
         "cheap_lanes": 0, "answer_format": "strict", "hints": False,

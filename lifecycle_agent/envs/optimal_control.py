@@ -291,9 +291,9 @@ def controls_answer(controls: list[float]) -> str:
 class OptimalControl(Environment):
     name = "optimal-control"
     description = (
-        "Write a feedback controller u(x, v, t, x_target, v_target) for hidden dynamics v' = a*v + b*u, x' = x + v' "
-        "(easy preset: hints give the sign of b)."
+        "Write a feedback controller u(x, v, t, x_target, v_target) for hidden dynamics v' = a*v + b*u, x' = x + v'."
     )
+    easy_hints = "the task states the sign of b"
     defaults: dict[str, Any] = {
         "horizon": 12, "attempts": 1, "a_low": 0.55, "a_high": 1.2, "b_low": 0.35, "b_high": 1.5, "flip_sign": True,
         "start_x": [-2.0, 2.0], "start_v": [-1.5, 1.5], "target_x": [-8.0, 8.0], "target_v": 0.0,
