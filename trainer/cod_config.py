@@ -340,6 +340,22 @@ class CoDConfig:
         stored.setdefault("on_failed_update", "keep")
         return cls.from_dict(stored)
 
+    @classmethod
+    def resume_from(cls, output_dir: str | Path, **given: Any) -> "CoDConfig":
+        """The config of a run in ``output_dir`` continued with ``given`` options.
+
+        The stored ``train_config.json`` is the base when it exists (else the defaults); every
+        option in ``given`` that is not ``None`` overrides it (``None`` means "not given", so a
+        resumed run keeps what it was started with). Whether an override is allowed on a resumed
+        run (:data:`RESUMABLE`) is the trainer's check, against the same stored file.
+        """
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)} - {"output_dir"})
+        if unknown:
+            raise TrainConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        stored = Path(output_dir) / "train_config.json"
+        base = cls.load(stored).to_dict() if stored.is_file() else {}
+        return cls(**{**base, **{k: v for k, v in given.items() if v is not None}, "output_dir": str(output_dir)})
+
     def differences(self, other: "CoDConfig") -> list[str]:
         """Options that differ from ``other`` and may not change on resume, as ``name: old -> new`` lines."""
         mine, theirs = self.to_dict(), other.to_dict()
