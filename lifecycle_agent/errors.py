@@ -31,6 +31,16 @@ class StoreReadOnlyError(StoreError):
     """The database file (or its directory) cannot be written."""
 
 
+class ContextConflictError(StoreError):
+    """A conditional context write found that the head had moved (another writer got there first)."""
+
+    def __init__(self, agent_id: str, expected: int, actual: int):
+        super().__init__(
+            f"agent {agent_id!r}: context head is version {actual}, not {expected}; re-read the context and retry"
+        )
+        self.agent_id, self.expected, self.actual = agent_id, expected, actual
+
+
 class AgentNotFoundError(LifecycleAgentError, KeyError):
     """No agent with this id exists in the store."""
 
@@ -51,6 +61,17 @@ class VersionNotFoundError(LifecycleAgentError, KeyError):
 
 class ContextFormatError(LifecycleAgentError, ValueError):
     """A context text or export file is not acceptable (bad JSON, wrong format, delimiter lines)."""
+
+
+class ContextBudgetError(ContextFormatError):
+    """A context over the agent's budget that its policy (or a person's edit) refuses; nothing was written.
+
+    ``original_chars``, ``budget`` and ``policy`` (the one applied) let a caller word its own message.
+    """
+
+    def __init__(self, message: str, *, original_chars: int, budget: int, policy: str):
+        super().__init__(message)
+        self.original_chars, self.budget, self.policy = original_chars, budget, policy
 
 
 class ModelSpecError(LifecycleAgentError, ValueError):
