@@ -92,3 +92,7 @@ class EnvironmentSpecError(LifecycleAgentError, ValueError):
 
 class FeedbackConflictError(LifecycleAgentError):
     """Feedback was given for an episode that already has feedback."""
+
+
+class EvalError(LifecycleAgentError, ValueError):
+    """The evaluation settings are not acceptable (the message says which and what to do)."""

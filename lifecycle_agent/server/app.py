@@ -297,7 +297,7 @@ def _openapi(app: FastAPI) -> dict:
 # ---------------------------------------------------------------------------------------- auth
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--api-key).")
+_bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--tenant-key).")
 
 
 async def tenant_of(
