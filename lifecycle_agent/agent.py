@@ -184,6 +184,16 @@ def _sum(values: list[Optional[int]]) -> Optional[int]:
     return sum(known) if known else None
 
 
+
+def edit_context(store: Store, agent_id: str, text: str, note: Optional[str] = None) -> ContextVersion:
+    """The rule of a person's edit, wherever it comes from (Python, ``context set``, ``PUT .../context``):
+    a new version with source ``edit``, checked as it will be stored (delimiters neutralised) and never
+    cut: text over the agent's context budget is refused, whatever the agent's budget policy."""
+    if not isinstance(text, str):
+        raise TypeError(f"context must be a string, got {type(text).__name__}")
+    return store.write_context(agent_id, text, source="edit", note=note, budget_policy="reject")
+
+
 class LifecycleAgent:
     """A persistent agent whose self-written context lives in SQLite.
 
@@ -308,10 +318,7 @@ class LifecycleAgent:
 
     def set_context(self, text: str, note: Optional[str] = None) -> ContextVersion:
         """Write a context by hand (a person's edit). The budget applies; over-long text is refused."""
-        if not isinstance(text, str):
-            raise TypeError(f"context must be a string, got {type(text).__name__}")
-        # the store checks the text as it will be stored (delimiters neutralised): never cut a person's edit
-        return self.store.write_context(self.agent_id, text, source="edit", note=note, budget_policy="reject")
+        return edit_context(self.store, self.agent_id, text, note)
 
     def fork(self, new_agent_id: str, version: Optional[int] = None) -> "LifecycleAgent":
         """A new agent starting from this agent's context at ``version`` (default: current), same model."""
