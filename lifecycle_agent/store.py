@@ -721,6 +721,44 @@ class Store:
                 )
         return self.get_agent(new_id)
 
+    # ---------------------------------------------------------------- whole-store copy
+    #: Tables in the order a copy writes them (parents first), each with the order its rows are read in.
+    _COPY_ORDER = (("agents", "agent_id"), ("contexts", "agent_id, version"), ("episodes", "episode_id"),
+                   ("runs", "run_id"))
+    _COPY_PAGE = 500
+
+    def copy_to(self, target: "Store") -> dict[str, int]:
+        """Copy every agent, context version, episode and run into ``target`` (an empty store, either backend).
+
+        One transaction on the target: a failure leaves it empty. Ids are kept (episode ids too, so
+        references between episodes hold). Stop the writers of this store first: rows written during
+        the copy may be missed. Returns the rows copied per table.
+        """
+        filled = [table for table, _ in self._COPY_ORDER if target._read(f"SELECT 1 AS x FROM {table} LIMIT 1")]
+        if filled:
+            raise StoreError(
+                f"database {target.path} is not empty (it holds {', '.join(filled)}); "
+                "copy into a new, empty database"
+            )
+        counts: dict[str, int] = {}
+        with target.transaction() as conn:
+            for table, order in self._COPY_ORDER:
+                counts[table] = 0
+                while True:
+                    rows = self._read(f"SELECT * FROM {table} ORDER BY {order} LIMIT ? OFFSET ?",
+                                      (self._COPY_PAGE, counts[table]))
+                    for row in rows:
+                        conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                                     tuple(row.values()))
+                    counts[table] += len(rows)
+                    if len(rows) < self._COPY_PAGE:
+                        break
+            target._after_copy(conn)
+        return counts
+
+    def _after_copy(self, conn: Any) -> None:
+        """Bring the target's id counters past the copied ids (SQLite's AUTOINCREMENT follows on its own)."""
+
     # ---------------------------------------------------------------- episodes
     def record_episode(self, **fields: Any) -> int:
         """Insert one finished episode; returns its id. JSON fields are serialised here."""

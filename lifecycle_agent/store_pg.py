@@ -139,6 +139,13 @@ class PostgresStore(Store):
     def _json_key(value: int) -> Any:
         return str(value)  # ->> reads JSON as text
 
+    def _after_copy(self, conn: Any) -> None:
+        # copied rows carry their own episode ids: the identity sequence must continue after the largest
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence('episodes', 'episode_id'), COALESCE(MAX(episode_id), 0) + 1, false) "
+            "FROM episodes"
+        )
+
     @contextmanager
     def transaction(self) -> Iterator[_Connection]:
         """A write transaction holding the store's write lock: all or nothing, one writer at a time (every host)."""
