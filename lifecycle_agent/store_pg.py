@@ -153,7 +153,7 @@ class PostgresStore(Store):
         if current is not None:  # nested: join the outer transaction
             yield current
             return
-        psycopg = _psycopg()[0]
+        psycopg, psycopg_pool = _psycopg()
         try:
             with self._pool.connection() as raw, raw.transaction():
                 try:
@@ -168,19 +168,29 @@ class PostgresStore(Store):
                     yield self._local.conn
                 finally:
                     self._local.conn = None
+        except psycopg_pool.PoolTimeout:
+            raise self._pool_exhausted() from None
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot write to database {self.path}: {_first_line(exc)}") from None
 
     def _read(self, sql: str, params: tuple | dict = ()) -> list[dict]:
         current = getattr(self._local, "conn", None)
-        psycopg = _psycopg()[0]
+        psycopg, psycopg_pool = _psycopg()
         try:
             if current is not None:  # inside a transaction: read what it wrote
                 return _rows(current.execute(sql, params))
             with self._pool.connection() as raw:
                 return _rows(raw.execute(_placeholders(sql), params))
+        except psycopg_pool.PoolTimeout:
+            raise self._pool_exhausted() from None
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot read database {self.path}: {_first_line(exc)}") from None
+
+    def _pool_exhausted(self) -> StoreLockedError:
+        return StoreLockedError(
+            f"database {self.path}: no free connection in this process's pool for {self._pool.timeout:g} s "
+            f"(all {self._pool.max_size} busy, or the server stopped answering); retry later, or raise pool_size"
+        )
 
 
 def _rows(cursor) -> list[dict]:

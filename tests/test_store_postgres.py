@@ -310,3 +310,43 @@ async def test_two_replicas_on_one_database_share_agents_and_rate_each_completio
     assert head == changed  # every accepted feedback that changed the context is one new version
     for s in stores:
         s.close()
+
+
+def test_a_pool_with_no_free_connection_is_a_clear_error_not_a_hang(pg_url):
+    from lifecycle_agent.errors import StoreLockedError
+
+    store = Store(pg_url, busy_timeout=0.2, pool_size=1)
+    store.create_agent("a")
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_the_only_connection():
+        with store.transaction():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_only_connection)
+    holder.start()
+    held.wait(10)
+    try:
+        with pytest.raises(StoreLockedError, match="no free connection in this process's pool"):
+            store.head("a")
+    finally:
+        release.set()
+        holder.join()
+    assert store.head("a").version == 0
+    store.close()
+
+
+def test_a_writer_held_up_by_another_processes_lock_gets_a_clear_error(pg_url):
+    from lifecycle_agent.errors import StoreLockedError
+
+    holder = Store(pg_url)
+    holder.create_agent("a")
+    waiting = Store(pg_url, busy_timeout=0.3)
+    with holder.transaction():
+        with pytest.raises(StoreLockedError, match="stayed locked by another writer for 0.3 s"):
+            waiting.write_context("a", "late", source="edit")
+    assert waiting.write_context("a", "now", source="edit").version == 1
+    holder.close()
+    waiting.close()
