@@ -236,7 +236,17 @@ def test_db_migrate_to_an_unreachable_server_writes_nothing_and_says_so(tmp_path
     with pytest.raises(SystemExit) as exc:
         main(["db", "migrate", "--from", source, "--to", "postgresql://postgres@127.0.0.1:1/x"])
     err = " ".join(capsys.readouterr().err.split())
-    assert exc.value.code != 0 and "cannot connect to database postgresql://postgres@127.0.0.1:1/x" in err
+    assert exc.value.code != 0 and "--to: cannot connect to database postgresql://postgres@127.0.0.1:1/x" in err
+
+
+def test_db_migrate_from_a_missing_file_names_the_option(tmp_path, capsys):
+    from lifecycle_agent.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["db", "migrate", "--from", str(tmp_path / "none.db"), "--to", str(tmp_path / "new.db")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exc.value.code == 2 and "--from: database" in err and "none.db does not exist" in err
+    assert not (tmp_path / "new.db").exists()
 
 
 def test_context_export_then_import_moves_an_agent_between_backends(tmp_path, pg_url, capsys):

@@ -25,10 +25,18 @@ def migrate(
     """
     if source == target:
         raise StoreError(f"--from and --to are the same database ({source}); give a new, empty target")
-    with Store(source, create=False) as src, Store(target) as dst:
+    with _open("--from", source, create=False) as src, _open("--to", target) as dst:
         counts = src.copy_to(dst)
     if as_json:
         print_json({"from": src.path, "to": dst.path, "copied": counts})
     else:
         copied = ", ".join(f"{n} {table}" for table, n in counts.items())
         console.print(f"copied {copied} from {src.path} to {dst.path}")
+
+
+def _open(option: str, db: str, *, create: bool = True) -> Store:
+    """A side of the copy; its errors name the option that gave it."""
+    try:
+        return Store(db, create=create)
+    except StoreError as exc:
+        raise type(exc)(f"{option}: {str(exc).replace(' (check --db)', '')}") from None
