@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import LifecycleAgentError
 
@@ -19,14 +19,34 @@ DEFAULT_NOTES_BUDGET = 4000
 TOKEN_LIMIT_FINISH = "token_limit"
 
 
+class _Unset:
+    """The default of an option not given: the :class:`RalphConfig` field's own default applies."""
+
+    def __repr__(self) -> str:
+        return "<RalphConfig default>"
+
+
+#: Marks an option of :func:`~lifecycle_agent.ralph.run_loop` that was not given (``None`` is a value of some).
+UNSET: Any = _Unset()
+
+
 class RalphError(LifecycleAgentError):
     """A Ralph loop cannot start or go on: bad repository, prompt, command or option."""
 
 
-class RalphConfig(BaseModel):
-    """Options of :func:`~lifecycle_agent.ralph.run_loop` (the model is passed separately)."""
+#: Who works in the repository each iteration: ``builtin``, the loop's own tool agent over a
+#: model; ``external``, an external coding CLI (``agent_cmd``).
+LoopMode = Literal["builtin", "external"]
 
-    model_config = ConfigDict(extra="forbid")
+
+class RalphConfig(BaseModel):
+    """Options of :func:`~lifecycle_agent.ralph.run_loop` (the model is passed separately).
+
+    A validated value: building one checks every option and that they fit together
+    (:meth:`build` words the first problem as a :class:`RalphError`); it is never changed after.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     repo: Path = Field(description="Top-level directory of the git repository the agent works on.")
     check: str = Field(description="Shell command run in the repository after every iteration; exit code 0 means done.")
@@ -34,9 +54,15 @@ class RalphConfig(BaseModel):
         default=Path("PROMPT.md"),
         description="Task file. A relative path is looked up in the repository first, then in the current directory.",
     )
+    mode: LoopMode = Field(
+        default=None, validate_default=False,
+        description="Who works in the repository: 'builtin' (the loop's tool agent over a model) or 'external' "
+        "(the agent command); default: 'external' when an agent command is given, else 'builtin'.",
+    )
     agent_cmd: Optional[str] = Field(
         default=None,
-        description="External coding CLI run in the repository each iteration; it reads the prompt on stdin.",
+        description="External coding CLI run in the repository each iteration; it reads the prompt on stdin "
+        "(mode 'external').",
     )
     notes_file: str = Field(default="NOTES.md", description="The notes mirror, relative to the repository root.")
     max_iterations: int = Field(default=10, ge=1, le=100_000, description="Iterations of the whole loop (resumed runs included).")
@@ -79,6 +105,27 @@ class RalphConfig(BaseModel):
             raise ValueError("the agent command must not be empty")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data):
+        """The mode follows from the options given when it is not named, so existing calls keep working."""
+        if isinstance(data, dict) and data.get("mode") is None:
+            data = {**data, "mode": "external" if data.get("agent_cmd") is not None else "builtin"}
+        return data
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> "RalphConfig":
+        if self.mode == "external" and self.agent_cmd is None:
+            raise ValueError("mode 'external' runs an agent command each iteration: give agent_cmd (--agent-cmd), "
+                             "e.g. 'claude -p', or use mode 'builtin'")
+        if self.mode == "builtin" and self.agent_cmd is not None:
+            raise ValueError(f"mode 'builtin' runs the loop's own tool agent, but agent_cmd {self.agent_cmd!r} was "
+                             "given too: drop agent_cmd, or use mode 'external'")
+        if self.mode == "builtin" and self.agent_timeout is not None:
+            raise ValueError("agent_timeout (--agent-timeout) limits the agent command of mode 'external'; mode "
+                             "'builtin' has none (its commands are limited by command_timeout)")
+        return self
+
     @field_validator("completion_marker")
     @classmethod
     def _marker(cls, value: Optional[str]) -> Optional[str]:
@@ -101,8 +148,26 @@ class RalphConfig(BaseModel):
             return cls(**options)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err.get("loc", ())) or "options"
+            field = ".".join(str(p) for p in err.get("loc", ()))
             if err.get("type") == "extra_forbidden":
                 known = ", ".join(sorted(cls.model_fields))
                 raise RalphError(f"unknown ralph option {field!r} (known: {known})") from None
-            raise RalphError(f"ralph option {field}: {err.get('msg')}") from None
+            message = err.get("msg", "").removeprefix("Value error, ")
+            raise RalphError(f"ralph option {field}: {message}" if field else f"ralph options: {message}") from None
+
+    @classmethod
+    def merged(cls, config: Optional["RalphConfig"] = None, **options: Any) -> "RalphConfig":
+        """``config`` (if any) with the options given (those not :data:`UNSET`) laid over it, validated.
+
+        Given ``agent_cmd`` without ``mode``, the mode follows from the new ``agent_cmd`` (a valid
+        config's mode always matches its ``agent_cmd``, so nothing named is dropped).
+        """
+        given = {name: value for name, value in options.items() if value is not UNSET}
+        if config is None:
+            return cls.build(**given)
+        if not given:
+            return config
+        base = config.model_dump()
+        if "agent_cmd" in given and "mode" not in given:
+            base.pop("mode")
+        return cls.build(**{**base, **given})
