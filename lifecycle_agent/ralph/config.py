@@ -49,10 +49,13 @@ class RalphConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     repo: Path = Field(description="Top-level directory of the git repository the agent works on.")
-    check: str = Field(description="Shell command run in the repository after every iteration; exit code 0 means done.")
+    check: str = Field(
+        description="Shell command run in the repository after every iteration; exit code 0 means done (e.g. 'pytest -q')."
+    )
     prompt: Path = Field(
         default=Path("PROMPT.md"),
-        description="Task file. A relative path is looked up in the repository first, then in the current directory.",
+        description="Task file, re-read every iteration. A relative path is looked up in the repository first, "
+        "then in the current directory.",
     )
     mode: LoopMode = Field(
         default=None, validate_default=False,
@@ -64,16 +67,20 @@ class RalphConfig(BaseModel):
         description="External coding CLI run in the repository each iteration; it reads the prompt on stdin "
         "(mode 'external').",
     )
-    notes_file: str = Field(default="NOTES.md", description="The notes mirror, relative to the repository root.")
+    notes_file: str = Field(
+        default="NOTES.md",
+        description="The notes mirror, relative to the repository root; people may edit it between iterations.",
+    )
     max_iterations: int = Field(default=10, ge=1, le=100_000, description="Iterations of the whole loop (resumed runs included).")
     max_minutes: float = Field(default=60.0, gt=0, description="Wall time of this invocation, minutes.")
     max_tokens: Optional[int] = Field(
-        default=None, ge=1, description="Model tokens (prompt + completion) of the whole loop; None: no limit."
+        default=None, ge=1, description="Model tokens (prompt + completion) of the whole loop; not set: no limit."
     )
     max_no_progress: int = Field(default=3, ge=1, description="Stop after this many iterations in a row that change no file.")
     max_same_failure: int = Field(default=3, ge=1, description="Stop after the same failing check output this many times in a row.")
     completion_marker: Optional[str] = Field(
-        default=DEFAULT_MARKER, description="Text that, in the agent's output, stops the loop after this iteration; None: off."
+        default=DEFAULT_MARKER,
+        description="Text that, in the agent's output, stops the loop after this iteration; empty or None: off."
     )
     check_timeout: float = Field(default=600.0, gt=0, description="Longest check run, seconds.")
     agent_timeout: Optional[float] = Field(
@@ -82,14 +89,20 @@ class RalphConfig(BaseModel):
     command_timeout: float = Field(default=60.0, gt=0, description="Longest run_command call of the built-in agent, seconds.")
     max_turns: int = Field(default=30, ge=1, description="Tool calls of the built-in agent per iteration.")
     output_chars: int = Field(default=4000, ge=200, description="Longest check, command or tool output shown to the agent, characters.")
-    db: Optional[Path] = Field(default=None, description=f"SQLite file; default <repo>/{STATE_DIR}/ralph.db.")
+    db: Optional[Path] = Field(default=None, description=f"SQLite file of the loop (default: <repo>/{STATE_DIR}/ralph.db, git-ignored).")
     agent_id: str = Field(default=DEFAULT_AGENT_ID, description="The agent's id in the database.")
-    allow_dirty: bool = Field(default=False, description="Start even when the repository has uncommitted changes.")
+    allow_dirty: bool = Field(
+        default=False,
+        description="Start even when the repository has uncommitted changes (committed before the first iteration).",
+    )
     context_budget: Optional[int] = Field(
         default=None, ge=1, description=f"Notes budget, characters (stored with the agent; new agents get {DEFAULT_NOTES_BUDGET})."
     )
-    temperature: Optional[float] = Field(default=None, ge=0, description="Sampling temperature of the built-in agent (None: the model's).")
-    max_new_tokens: Optional[int] = Field(default=None, ge=1, description="Per model call (None: the model's default).")
+    temperature: Optional[float] = Field(default=None, ge=0, description="Sampling temperature of the model (not set: the model's own).")
+    max_new_tokens: Optional[int] = Field(
+        default=None, ge=1,
+        description="New tokens per model call (not set: the model's own; 4096 at most under a token limit).",
+    )
 
     @field_validator("check")
     @classmethod
