@@ -139,3 +139,18 @@ def test_ralph_option_limits_come_from_the_config(repo, capsys):
     assert code == 2 and "max_minutes" in err and "greater than 0" in err
     code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", CHECK, "--output-chars", "10")
     assert code == 2 and "--output-chars" in err
+
+
+def test_every_config_field_is_a_flag_named_after_it_with_its_default():
+    import typer
+
+    from lifecycle_agent.cli import app
+    from lifecycle_agent.ralph import RalphConfig
+
+    group = typer.main.get_command(app).commands["ralph"]
+    options = {opt: param for param in group.params for opt in getattr(param, "opts", [])}
+    for name, field in RalphConfig.model_fields.items():
+        param = options[f"--{name.replace('_', '-')}"]
+        assert param.help == field.description
+        if not field.is_required():
+            assert param.default == field.default, name

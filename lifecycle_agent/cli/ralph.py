@@ -158,14 +158,7 @@ def ralph(
         raise typer.BadParameter("give the repository with --repo DIR", param_hint="--repo")
     if check is None:
         raise typer.BadParameter("give the check command, e.g. --check 'pytest -q'", param_hint="--check")
-    config = RalphConfig.build(
-        repo=repo, check=check, mode=mode, prompt=prompt, agent_cmd=agent_cmd, max_iterations=max_iterations,
-        max_minutes=max_minutes, max_tokens=max_tokens, notes_file=notes_file, max_no_progress=max_no_progress,
-        max_same_failure=max_same_failure, completion_marker=completion_marker, check_timeout=check_timeout,
-        agent_timeout=agent_timeout, command_timeout=command_timeout, max_turns=max_turns, output_chars=output_chars,
-        context_budget=context_budget, temperature=temperature, max_new_tokens=max_new_tokens,
-        allow_dirty=allow_dirty, db=db, agent_id=agent_id,
-    )
+    config = RalphConfig.build(**RalphConfig.fields_in(locals()))  # the parameters are named after the fields
     with_model = model is not None or config.mode == "builtin"
     check_setup(config=config, with_model=with_model)  # before loading a model: its errors come first
     chat_model = None

@@ -169,6 +169,12 @@ class RalphConfig(BaseModel):
             raise RalphError(f"ralph option {field}: {message}" if field else f"ralph options: {message}") from None
 
     @classmethod
+    def fields_in(cls, names: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``names`` that are fields: a function whose parameters are named after the fields
+        passes ``locals()``, so that no field name is written twice."""
+        return {name: value for name, value in names.items() if name in cls.model_fields}
+
+    @classmethod
     def merged(cls, config: Optional["RalphConfig"] = None, **options: Any) -> "RalphConfig":
         """``config`` (if any) with the options given (those not :data:`UNSET`) laid over it, validated.
 

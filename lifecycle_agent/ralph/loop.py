@@ -183,8 +183,7 @@ def run_loop(
     Rerunning the same call resumes the loop from its last finished iteration.
     """
     clock_started = time.monotonic()
-    given = {name: value for name, value in locals().items() if name in RalphConfig.model_fields}
-    config = RalphConfig.merged(config, **given)
+    config = RalphConfig.merged(config, **RalphConfig.fields_in(locals()))
     clock = _Clock(clock_started, clock_started + config.max_minutes * 60.0, on_event)
     with stop_on_signals():
         setup = prepare(config, with_model=model is not None or config.mode == "builtin")
