@@ -127,8 +127,8 @@ def drive(flow: _Flow, model: ChatModel, *, route: Optional[Callable[[ModelCall]
     try:
         call = next(flow)
         while True:
-            target = model if route is None else route(call)
             try:
+                target = model if route is None else route(call)
                 reply = _checked(target.generate(call.messages, temperature=call.temperature,
                                                  max_new_tokens=call.max_new_tokens), target)
             except ModelCallError as exc:

@@ -170,3 +170,9 @@ def test_agent_flows_mark_each_model_call_with_its_episode_kind():
         result = drive(agent.run_flow([task, {"id": "t2", "prompt": "2?", "answer": "2"}]), routed, route=route)
     assert kinds == ["solve", "update", "solve", "update"]
     assert (len(solve.calls), len(update.calls), result.records[0].update_status) == (2, 2, "ok")
+
+
+def test_a_routed_model_called_without_an_episode_kind_says_how_to_drive_it():
+    routed = RoutedModel(Recording("solver", "x"), None, "solver")
+    with pytest.raises(ModelCallError, match=r"route=model\.route"):
+        routed.generate([{"role": "user", "content": "hi"}])

@@ -149,14 +149,14 @@ class MeteredModel(ChatModel):
 
     A call that does not fit is not made: its reply is empty, with no tokens and
     ``finish_reason`` :data:`~lifecycle_agent.ralph.config.TOKEN_LIMIT_FINISH` (an empty
-    update reply leaves the notes as they are), and the meter records ``call`` (what the
+    update reply leaves the notes as they are), and the meter records ``what`` (what the
     call was, in words: ``the notes update``, ``a call of the agent``) as refused.
     """
 
-    def __init__(self, inner: ChatModel, meter: TokenMeter, call: str):
+    def __init__(self, inner: ChatModel, meter: TokenMeter, what: str):
         self.inner = inner
         self.meter = meter
-        self.call = call
+        self.what = what
         self.model_id = inner.model_id
         self.default_temperature = inner.default_temperature
 
@@ -166,7 +166,7 @@ class MeteredModel(ChatModel):
         if room is None:
             return max_new_tokens
         if room < 1:
-            self.meter.refused = self.call
+            self.meter.refused = self.what
             return 0
         return min(max_new_tokens or _own_cap(self.inner), room)
 
@@ -258,7 +258,11 @@ class RoutedModel(ChatModel):
         return self.update
 
     def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
-        raise ModelCallError(f"{self.model_id} serves marked model calls only: drive the flow with route={self.model_id}.route")
+        # a bare call carries no episode kind, and guessing it from the prompt is what routing by kind replaces
+        raise ModelCallError(
+            f"model {self.model_id} answers only calls marked with their episode kind: "
+            "drive the flow with drive(flow, model, route=model.route)"
+        )
 
 
 def instructions(config: RalphConfig, *, builtin: bool, agent_notes: bool, notes_budget: int) -> str:
