@@ -88,6 +88,7 @@ class LoopEvent:
     message: str
     info: Optional[IterationInfo] = None
 
+
 class Stop(NamedTuple):
     """Why the loop stops: a :data:`~lifecycle_agent.ralph.status.StopReason` and the reason in words."""
 
@@ -104,8 +105,11 @@ class IterationDone:
 
 @dataclass(frozen=True)
 class IterationFailed:
-    """An iteration that failed; ``reason`` says why. ``info`` is set when it was committed as failed
-    (its notes update failed); without it, a rerun redoes or finishes the iteration."""
+    """An iteration that failed; ``reason`` says why (it becomes the loop's stop message).
+
+    ``info`` is set when the iteration was committed with a stored record that says it failed;
+    without it nothing was committed (a model call failed), and a rerun redoes or finishes it.
+    """
 
     iteration: int
     reason: str
