@@ -34,7 +34,7 @@ __all__ = [
 
 _LAZY = {
     "LifecycleAgent": ".agent",
-    "AgentSettings": ".agent",
+    "AgentSettings": ".settings",
     "RunResult": ".agent",
     "TaskRecord": ".agent",
     "Task": ".tasks",

@@ -23,27 +23,15 @@ from . import protocol
 from .errors import AgentNotFoundError, LifecycleAgentError, ModelCallError, TaskFormatError
 from .models.base import ChatModel, Generation
 from .prompts import DEFAULT_PROMPT_SET, get_prompt_set
-from .store import ContextConflictError, ContextVersion, EpisodeRow, Store, check_agent_id
+from .errors import ContextConflictError
+from .settings import AgentSettings
+from .store import ContextVersion, EpisodeRow, Store, check_agent_id
 from .tasks import AnyTask, StepResult, Task, extract_answer, iter_tasks
 
 log = logging.getLogger("lifecycle_agent")
 
 ContextMode = Literal["live", "frozen", "none"]
 DEFAULT_DB = "lifecycle-agent.db"
-
-
-class AgentSettings(BaseModel):
-    """Per-agent settings, stored with the agent so a reopened agent behaves the same."""
-
-    context_budget: int = Field(default=2000, ge=1, description="Maximum context length, characters.")
-    budget_policy: Literal["truncate", "reject"] = Field(default="truncate", description="What happens to an over-long update.")
-    parse_policy: Literal["strict", "lenient"] = Field(default="lenient", description="How update replies are parsed.")
-    prompt_set: str = Field(default=DEFAULT_PROMPT_SET, description="Prompt-set id used to build every prompt.")
-    on_failed_update: Literal["keep", "reset"] = Field(
-        default="keep",
-        description="After an update with no usable notes: keep the previous context (deployment) or reset it to "
-        "the prompt set's fixed 'no notes' text (training's rule, so a bad update costs the later tasks).",
-    )
 
 
 class TaskRecord(BaseModel):
@@ -201,6 +189,16 @@ def _sum(values: list[Optional[int]]) -> Optional[int]:
     return sum(known) if known else None
 
 
+
+def edit_context(store: Store, agent_id: str, text: str, note: Optional[str] = None) -> ContextVersion:
+    """The rule of a person's edit, wherever it comes from (Python, ``context set``, ``PUT .../context``):
+    a new version with source ``edit``, checked as it will be stored (delimiters neutralised) and never
+    cut: text over the agent's context budget is refused, whatever the agent's budget policy."""
+    if not isinstance(text, str):
+        raise TypeError(f"context must be a string, got {type(text).__name__}")
+    return store.write_context(agent_id, text, source="edit", note=note, budget_policy="reject")
+
+
 class LifecycleAgent:
     """A persistent agent whose self-written context lives in SQLite.
 
@@ -325,10 +323,7 @@ class LifecycleAgent:
 
     def set_context(self, text: str, note: Optional[str] = None) -> ContextVersion:
         """Write a context by hand (a person's edit). The budget applies; over-long text is refused."""
-        if not isinstance(text, str):
-            raise TypeError(f"context must be a string, got {type(text).__name__}")
-        # the store checks the text as it will be stored (delimiters neutralised): never cut a person's edit
-        return self.store.write_context(self.agent_id, text, source="edit", note=note, budget_policy="reject")
+        return edit_context(self.store, self.agent_id, text, note)
 
     def fork(self, new_agent_id: str, version: Optional[int] = None) -> "LifecycleAgent":
         """A new agent starting from this agent's context at ``version`` (default: current), same model."""
@@ -559,27 +554,25 @@ class LifecycleAgent:
         messages = (messages[:-1] if prefill else messages) + [{"role": "assistant", "content": full_reply}]
         turn = reply.turn_record()
         parsed = protocol.parse_update(full_reply, settings.parse_policy, prefilled=prefill is not None)
-        new_text, budget_status, note = None, None, None
-        if parsed.text is not None:
-            budget = protocol.apply_budget(parsed.text, settings.context_budget, settings.budget_policy)
-            new_text, budget_status = budget.text, budget.status
-            if budget.status != "ok":
-                note = f"{budget.status}: update was {budget.original_chars} characters, budget {settings.context_budget}"
-        elif settings.on_failed_update == "reset":
+        new_text, note = parsed.text, None
+        if new_text is None and settings.on_failed_update == "reset":
             new_text = ps.reset_context
             note = f"reset: the update held no usable notes; the context is now {ps.reset_context!r}"
         fields["metadata"] = {**fields["metadata"], "on_failed_update": settings.on_failed_update}
         if prefill:
             fields["metadata"]["prefill"] = prefill
         fields.update(
-            messages=messages, status=parsed.status, budget_status=budget_status, turns=[turn],
+            messages=messages, status=parsed.status, turns=[turn],
             prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
             duration_s=time.perf_counter() - started, completes_task=True, error=note,
         )
+        budget_status = None
         try:
-            episode_id, version = self.store.record_update(
+            # the store applies the budget (the one place it is applied) and records its outcome on the episode
+            episode_id, version, budget = self.store.record_update(
                 new_text=new_text, note=note, expected_head=read_version if new_text is not None else None, **fields
             )
+            budget_status = budget.status if budget is not None else None
         except ContextConflictError as exc:
             fields.update(status="conflict", error=str(exc))
             episode_id, version = self.store.record_episode(**fields), None

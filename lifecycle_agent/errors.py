@@ -31,6 +31,16 @@ class StoreReadOnlyError(StoreError):
     """The database file (or its directory) cannot be written."""
 
 
+class ContextConflictError(StoreError):
+    """A conditional context write found that the head had moved (another writer got there first)."""
+
+    def __init__(self, agent_id: str, expected: int, actual: int):
+        super().__init__(
+            f"agent {agent_id!r}: context head is version {actual}, not {expected}; re-read the context and retry"
+        )
+        self.agent_id, self.expected, self.actual = agent_id, expected, actual
+
+
 class AgentNotFoundError(LifecycleAgentError, KeyError):
     """No agent with this id exists in the store."""
 
@@ -53,6 +63,17 @@ class ContextFormatError(LifecycleAgentError, ValueError):
     """A context text or export file is not acceptable (bad JSON, wrong format, delimiter lines)."""
 
 
+class ContextBudgetError(ContextFormatError):
+    """A context over the agent's budget that its policy (or a person's edit) refuses; nothing was written.
+
+    ``original_chars``, ``budget`` and ``policy`` (the one applied) let a caller word its own message.
+    """
+
+    def __init__(self, message: str, *, original_chars: int, budget: int, policy: str):
+        super().__init__(message)
+        self.original_chars, self.budget, self.policy = original_chars, budget, policy
+
+
 class ModelSpecError(LifecycleAgentError, ValueError):
     """A model spec string or model object is not understood."""
 
@@ -71,3 +92,7 @@ class EnvironmentSpecError(LifecycleAgentError, ValueError):
 
 class FeedbackConflictError(LifecycleAgentError):
     """Feedback was given for an episode that already has feedback."""
+
+
+class EvalError(LifecycleAgentError, ValueError):
+    """The evaluation settings are not acceptable (the message says which and what to do)."""

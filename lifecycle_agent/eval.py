@@ -40,23 +40,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from . import envs as envs_module
 from .agent import LifecycleAgent, TaskRecord
-from .errors import LifecycleAgentError
-from .prompts import DEFAULT_PROMPT_SET, get_prompt_set
+from .errors import EvalError
+from .eval_config import (  # noqa: F401 - re-exported: the eval's public names
+    DEFAULT_MODES, MODE_ALIASES, MODES, PACK_SEED_STRIDE, EvalConfig, parse_modes, parse_names, parse_seeds,
+)
+from .prompts import DEFAULT_PROMPT_SET
 from .store import Store
 
-#: Mode name -> (packing, context mode of the agent).
-MODES: dict[str, tuple[str, str]] = {
-    "live": ("cod", "live"),
-    "frozen": ("cod", "frozen"),
-    "none": ("cod", "none"),
-    "ralph": ("ralph_sample", "live"),
-    "ralph_full": ("ralph_full", "live"),
-}
-#: Other names a mode is known by (the reference's packing name).
-MODE_ALIASES = {"ralph_sample": "ralph"}
-#: Modes run when none are named: ``ralph_full`` plays S times as many tasks, so it is asked for by name.
-DEFAULT_MODES = ("live", "frozen", "none", "ralph")
-#: Line style and marker of each mode in curve.png (overlapping curves stay visible).
 _STYLES = {"live": ("-", "o"), "frozen": ("--", "s"), "none": (":", "^"), "ralph": ("-.", "D"), "ralph_full": ("-.", "v")}
 REPORT_FORMAT = "lifecycle-agent/eval-report"
 #: 2: ``settings.pack_size`` is ``null`` when every environment used its own default, and each
@@ -68,10 +58,6 @@ SETTINGS_FILE = "eval-settings.json"
 DB_FILE = "eval.db"
 #: Settings that may change between an interrupted eval and its resumption.
 _RESUMABLE_CHANGES = ("concurrency",)
-
-
-class EvalError(LifecycleAgentError, ValueError):
-    """The evaluation settings are not acceptable (the message says which and what to do)."""
 
 
 @dataclass
@@ -91,96 +77,23 @@ class EvalProgress:
 # --------------------------------------------------------------------------- input checks
 
 
-def parse_seeds(value: Any) -> list[int]:
-    """Seeds from a list of integers or a string like ``"1,2,3"`` or ``"1-5"``."""
-    if isinstance(value, str):
-        items: list[int] = []
-        for part in value.replace(" ", "").split(","):
-            if not part:
-                continue
-            match = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
-            if not match:
-                raise EvalError(f"seeds: {part!r} is not an integer or a range like 1-5 (give e.g. --seeds 1,2,3)")
-            low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-            if high < low:
-                raise EvalError(f"seeds: range {part!r} runs backwards")
-            items += range(low, high + 1)
-        value = items
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    try:
-        seeds = list(value)
-    except TypeError:
-        raise EvalError(f"seeds must be integers, got {value!r}") from None
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise EvalError(f"seeds must be integers, got {seed!r}")
-    if not seeds:
-        raise EvalError("give at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise EvalError(f"seeds repeat: {seeds}; each seed must appear once")
-    return seeds
-
-
-def parse_names(value: Any, what: str = "environment") -> list[str]:
-    """A list of names from a list or a comma-separated string."""
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value or [])
-    names = [n for n in names if n]
-    if not names:
-        raise EvalError(f"give at least one {what}")
-    if len(set(names)) != len(names):
-        raise EvalError(f"{what}s repeat: {', '.join(names)}")
-    return names
-
-
-def check_settings(
-    env: Any,
-    *,
-    packs: Any = 4,
-    pack_size: Any = None,
-    preset: str = "train",
-    seeds: Any = (1,),
-    modes: Any = DEFAULT_MODES,
-    concurrency: Any = 4,
-    parse_policy: Optional[str] = None,
-    prompt_set: Optional[str] = None,
-    env_options: Optional[dict[str, dict[str, Any]]] = None,
-) -> dict[str, Any]:
+def check_settings(config: EvalConfig | Any = None, **settings: Any) -> dict[str, Any]:
     """Check every evaluation setting (cheap: no model is loaded, nothing is written).
 
+    Takes an :class:`EvalConfig`, or environment name(s) and keyword settings as :func:`evaluate` does.
     Returns the normalised values (``env_names``, ``modes``, ``seeds``, ``prompt_set``), the
     ``environments`` made from them and their ``pack_sizes`` (``pack_size``, or each one's
-    default when it is ``None``); raises :class:`EvalError` or
+    default when it is ``None``), and the ``config``; raises :class:`EvalError` or
     :class:`~lifecycle_agent.errors.EnvironmentSpecError` saying what is wrong.
     """
-    env_names = parse_names(env)
-    mode_names = parse_names(modes, "mode")
-    unknown = [m for m in mode_names if m not in MODES and m not in MODE_ALIASES]
-    if unknown:
-        aliases = ", ".join(f"{alias} = {mode}" for alias, mode in MODE_ALIASES.items())
-        raise EvalError(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)} ({aliases})")
-    mode_names = parse_names([MODE_ALIASES.get(m, m) for m in mode_names], "mode")  # an alias beside its mode repeats
-    _positive_int(packs, "packs", PACK_SEED_STRIDE)
-    if pack_size is not None:
-        _positive_int(pack_size, "pack size")
-    _positive_int(concurrency, "concurrency")
-    seed_list = parse_seeds(seeds)
-    prompt_set = prompt_set or DEFAULT_PROMPT_SET
-    try:
-        get_prompt_set(prompt_set)
-    except ValueError as exc:
-        raise EvalError(str(exc)) from None
-    if parse_policy not in (None, "strict", "lenient"):
-        raise EvalError(f"parse policy must be strict or lenient, got {parse_policy!r}")
-    env_options = dict(env_options or {})
-    stray = [name for name in env_options if name not in env_names]
-    if stray:
-        raise EvalError(f"env_options names environment(s) not evaluated: {', '.join(stray)}")
-    environments = {name: envs_module.make(name, preset=preset, **env_options.get(name, {})) for name in env_names}
-    pack_sizes = {name: pack_size or default_pack_size(environments[name]) for name in env_names}
+    config = EvalConfig.of(config, **settings)
+    environments = {
+        name: envs_module.make(name, preset=config.preset, **config.env_options.get(name, {})) for name in config.env
+    }
     return {
-        "env_names": env_names, "modes": mode_names, "seeds": seed_list, "prompt_set": prompt_set,
-        "environments": environments, "pack_sizes": pack_sizes,
+        "config": config, "env_names": config.env, "modes": config.modes, "seeds": config.seeds,
+        "prompt_set": config.prompt_set or DEFAULT_PROMPT_SET, "environments": environments,
+        "pack_sizes": {name: config.pack_size or default_pack_size(environments[name]) for name in config.env},
     }
 
 
@@ -190,14 +103,6 @@ def default_pack_size(env: envs_module.Environment) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise EvalError(f"environment {env.name!r} declares eval_pack_size {size!r}; it must be an integer >= 1")
     return size
-
-
-def _positive_int(value: Any, what: str, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EvalError(f"{what} must be an integer >= 1, got {value!r}")
-    if high is not None and value > high:
-        raise EvalError(f"{what} must be at most {high}, got {value}")
-    return value
 
 
 def _slug(name: str) -> str:
@@ -297,13 +202,13 @@ class _Job:
         return self.env.pack(self.pack_seed, self.pack_size, MODES[self.mode][0], self.instance)
 
 
-def _jobs(checked: dict[str, Any], packs: int) -> list[_Job]:
+def _jobs(checked: dict[str, Any]) -> list[_Job]:
     """Every pack the eval plays: one per environment, seed, pack and mode; ``ralph_full`` one per task of the pack."""
     jobs = []
     for name in checked["env_names"]:
         env, size = checked["environments"][name], checked["pack_sizes"][name]
         for seed in checked["seeds"]:
-            for index in range(packs):
+            for index in range(checked["config"].packs):
                 for mode in checked["modes"]:
                     instances = range(size) if MODES[mode][0] == "ralph_full" else [None]
                     jobs += [_Job(name, env, seed, index, mode, size, instance) for instance in instances]
@@ -311,49 +216,32 @@ def _jobs(checked: dict[str, Any], packs: int) -> list[_Job]:
 
 
 def evaluate(
-    env: str | Iterable[str],
+    env: str | Iterable[str] | EvalConfig,
     model: Any = None,
     *,
-    packs: int = 4,
-    pack_size: Optional[int] = None,
-    preset: str = "train",
-    seeds: Any = (1,),
-    modes: Any = DEFAULT_MODES,
-    out: Optional[str | os.PathLike] = None,
-    concurrency: int = 4,
-    temperature: Optional[float] = None,
-    update_temperature: Optional[float] = None,
-    max_new_tokens: Optional[int] = None,
-    context_budget: Optional[int] = None,
-    parse_policy: Optional[str] = None,
-    prompt_set: Optional[str] = None,
-    env_options: Optional[dict[str, dict[str, Any]]] = None,
     on_progress: Optional[Callable[[EvalProgress], None]] = None,
-    plot: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Measure reward by position for each environment and mode; return the report (a dict).
 
     Args:
-        env: environment name(s) (a list, or ``"a,b"``); ``package.module:factory`` works too.
+        env: environment name(s) (a list, or ``"a,b"``; ``package.module:factory`` works too), or an
+            :class:`~lifecycle_agent.eval_config.EvalConfig` holding every setting.
         model: anything :func:`~lifecycle_agent.models.resolve_model` accepts (``"scripted"``,
             ``"smollm2"``, a :class:`~lifecycle_agent.models.ChatModel`...). One model object
             serves every pack, so a local model batches concurrent packs.
-        packs: packs per seed and environment.
-        pack_size: tasks per pack (S); ``None``: each environment's default
-            (:func:`default_pack_size`: 8 as in the method's evaluation, ``fact-recall`` 4).
-        preset: environment preset (``train``, ``easy``, ``hard``).
-        seeds: integers or ``"1,2,3"``; pack ``k`` of seed ``s`` has pack seed ``s*10000 + k``.
-        modes: any of ``live``, ``frozen``, ``none``, ``ralph`` (also called ``ralph_sample``) and
-            ``ralph_full`` (default: the first four).
-        out: directory for ``eval.db``, ``report.json``, ``report.md`` and ``curve.png``
-            (created if missing). ``None``: an in-memory database and no files.
-        concurrency: packs run at the same time (coroutines over the shared model).
-        temperature, update_temperature, max_new_tokens: model call settings (``None``: the
-            model's defaults).
-        context_budget, parse_policy, prompt_set: agent settings (``None``: the defaults).
-        env_options: per-environment options, ``{"frozen-lake-obscure": {"size": 5}}``.
         on_progress: called with an :class:`EvalProgress` after every task.
-        plot: write ``curve.png`` (needs matplotlib) when ``out`` is given.
+        **settings: any field of :class:`~lifecycle_agent.eval_config.EvalConfig` (over the config's
+            own values when ``env`` is one): ``packs`` (per seed and environment, default 4),
+            ``pack_size`` (S; ``None``: each environment's default, :func:`default_pack_size`: 8 as in
+            the method's evaluation, ``fact-recall`` 4), ``preset``, ``seeds`` (pack ``k`` of seed ``s``
+            has pack seed ``s*10000 + k``), ``modes`` (``live``, ``frozen``, ``none``, ``ralph``, also
+            called ``ralph_sample``, and ``ralph_full``; default the first four), ``out`` (directory
+            for ``eval.db``, ``report.json``, ``report.md`` and ``curve.png``; ``None``: in memory,
+            no files), ``concurrency`` (packs at the same time), the model call settings
+            ``temperature``, ``update_temperature``, ``max_new_tokens``, the agent settings
+            ``context_budget``, ``parse_policy``, ``prompt_set``, ``env_options``
+            (``{"frozen-lake-obscure": {"size": 5}}``) and ``plot``.
 
     Raises :class:`EvalError` or :class:`~lifecycle_agent.errors.EnvironmentSpecError` for bad
     settings before anything is run or written.
@@ -364,67 +252,43 @@ def evaluate(
         pass
     else:
         raise EvalError("evaluate() was called inside a running event loop; use `await aevaluate(...)` there")
-    return asyncio.run(
-        aevaluate(
-            env, model, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, out=out,
-            concurrency=concurrency, temperature=temperature, update_temperature=update_temperature,
-            max_new_tokens=max_new_tokens, context_budget=context_budget, parse_policy=parse_policy,
-            prompt_set=prompt_set, env_options=env_options, on_progress=on_progress, plot=plot,
-        )
-    )
+    return asyncio.run(aevaluate(env, model, on_progress=on_progress, **settings))
 
 
 async def aevaluate(
-    env: str | Iterable[str],
+    env: str | Iterable[str] | EvalConfig,
     model: Any = None,
     *,
-    packs: int = 4,
-    pack_size: Optional[int] = None,
-    preset: str = "train",
-    seeds: Any = (1,),
-    modes: Any = DEFAULT_MODES,
-    out: Optional[str | os.PathLike] = None,
-    concurrency: int = 4,
-    temperature: Optional[float] = None,
-    update_temperature: Optional[float] = None,
-    max_new_tokens: Optional[int] = None,
-    context_budget: Optional[int] = None,
-    parse_policy: Optional[str] = None,
-    prompt_set: Optional[str] = None,
-    env_options: Optional[dict[str, dict[str, Any]]] = None,
     on_progress: Optional[Callable[[EvalProgress], None]] = None,
-    plot: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Async twin of :func:`evaluate` (for callers already inside an event loop)."""
     started = time.perf_counter()
-    checked = check_settings(
-        env, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
-        parse_policy=parse_policy, prompt_set=prompt_set, env_options=env_options,
-    )
-    env_names, mode_names, seed_list = checked["env_names"], checked["modes"], checked["seeds"]
-    environments, prompt_set = checked["environments"], checked["prompt_set"]
+    checked = check_settings(env, **settings)
+    config: EvalConfig = checked["config"]
+    environments = checked["environments"]
 
     from .models import resolve_model
 
-    out_dir = Path(out) if out is not None else None
-    settings = _settings(checked, preset=preset, packs=packs, pack_size=pack_size, temperature=temperature,
-                         update_temperature=update_temperature, max_new_tokens=max_new_tokens,
-                         context_budget=context_budget, parse_policy=parse_policy, concurrency=concurrency)
-    _compare_stored(out_dir, settings)  # a mismatch is reported before the model loads
+    out_dir = config.out
+    recorded = _settings(checked)
+    _compare_stored(out_dir, recorded)  # a mismatch is reported before the model loads
     owns_model = isinstance(model, str) or model is None
     chat_model = resolve_model(model)
-    settings.update(model_id=chat_model.model_id, model_default_temperature=chat_model.default_temperature)
+    recorded.update(model_id=chat_model.model_id, model_default_temperature=chat_model.default_temperature)
     try:
-        store = _open_store(out_dir, settings)
+        store = _open_store(out_dir, recorded)
     except BaseException:
         if owns_model:
             chat_model.close()
         raise
-    jobs = _jobs(checked, packs)
+    jobs = _jobs(checked)
     counter = {"done": 0, "total": sum(job.pack_size for job in jobs)}
     errors: list[dict[str, Any]] = []
-    agent_settings = dict(context_budget=context_budget, parse_policy=parse_policy, prompt_set=prompt_set)
-    call_settings = dict(temperature=temperature, update_temperature=update_temperature, max_new_tokens=max_new_tokens)
+    agent_settings = dict(context_budget=config.context_budget, parse_policy=config.parse_policy,
+                          prompt_set=config.prompt_set)
+    call_settings = dict(temperature=config.temperature, update_temperature=config.update_temperature,
+                         max_new_tokens=config.max_new_tokens)
 
     def report_progress(job: _Job, record: Optional[TaskRecord]) -> None:
         counter["done"] += 1
@@ -451,7 +315,7 @@ async def aevaluate(
                 report_progress(job, None)
 
     try:
-        gate = asyncio.Semaphore(concurrency)
+        gate = asyncio.Semaphore(config.concurrency)
         running = [asyncio.ensure_future(run_job(job, gate)) for job in jobs]
         try:
             await asyncio.gather(*running)
@@ -462,12 +326,12 @@ async def aevaluate(
                 future.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             raise
-        report = build_report(store, jobs, environments, settings, errors)
+        report = build_report(store, jobs, environments, recorded, errors)
         wall = time.perf_counter() - started
         episodes = sum(m["episodes"] for e in report["environments"].values() for m in e["modes"].values())
         report["timing"] = {"wall_seconds": round(wall, 3), "episodes_in_db": episodes}
         if out_dir is not None:
-            write_report(report, out_dir, plot=plot)
+            write_report(report, out_dir, plot=config.plot)
         return report
     finally:
         store.close()
@@ -482,39 +346,27 @@ def _job_error(job: _Job, message: str) -> dict[str, Any]:
     return error
 
 
-def _settings(checked: dict[str, Any], **options: Any) -> dict[str, Any]:
+def _settings(checked: dict[str, Any]) -> dict[str, Any]:
     """The settings an eval directory records (the model's id and default temperature are added once it loads)."""
+    config: EvalConfig = checked["config"]
     environments = checked["environments"]
     return {
-        "environments": checked["env_names"], "preset": options["preset"], "packs": options["packs"],
-        "pack_size": options["pack_size"], "pack_sizes": checked["pack_sizes"], "seeds": checked["seeds"],
+        "environments": checked["env_names"], "preset": config.preset, "packs": config.packs,
+        "pack_size": config.pack_size, "pack_sizes": checked["pack_sizes"], "seeds": checked["seeds"],
         "modes": checked["modes"],
-        "prompt_set": checked["prompt_set"], "temperature": options["temperature"],
-        "update_temperature": options["update_temperature"], "max_new_tokens": options["max_new_tokens"],
-        "context_budget": options["context_budget"], "parse_policy": options["parse_policy"],
+        "prompt_set": checked["prompt_set"], "temperature": config.temperature,
+        "update_temperature": config.update_temperature, "max_new_tokens": config.max_new_tokens,
+        "context_budget": config.context_budget, "parse_policy": config.parse_policy,
         "env_options": {name: environments[name].options for name in checked["env_names"]},
-        "concurrency": options["concurrency"],
+        "concurrency": config.concurrency,
     }
 
 
-def check_resume(
-    env: Any, out: Optional[str | os.PathLike], *, preset: str = "train", packs: int = 4,
-    pack_size: Optional[int] = None, seeds: Any = (1,), modes: Any = DEFAULT_MODES, concurrency: int = 4, temperature: Optional[float] = None,
-    update_temperature: Optional[float] = None, max_new_tokens: Optional[int] = None,
-    context_budget: Optional[int] = None, parse_policy: Optional[str] = None, prompt_set: Optional[str] = None,
-    env_options: Optional[dict[str, dict[str, Any]]] = None,
-) -> None:
+def check_resume(env: str | Iterable[str] | EvalConfig, out: Optional[str | os.PathLike] = None, **settings: Any) -> None:
     """Every check :func:`evaluate` makes before loading the model: the settings, and that ``out`` holds no eval
     with other settings. The CLI calls it first, so a mistake is reported before a slow model load."""
-    checked = check_settings(
-        env, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, concurrency=concurrency,
-        parse_policy=parse_policy, prompt_set=prompt_set, env_options=env_options,
-    )
-    _compare_stored(Path(out) if out is not None else None, _settings(
-        checked, preset=preset, packs=packs, pack_size=pack_size, temperature=temperature,
-        update_temperature=update_temperature, max_new_tokens=max_new_tokens, context_budget=context_budget,
-        parse_policy=parse_policy, concurrency=concurrency,
-    ))
+    checked = check_settings(env, **({"out": out} if out is not None else {}), **settings)
+    _compare_stored(checked["config"].out, _settings(checked))
 
 
 def _compare_stored(out_dir: Optional[Path], settings: dict[str, Any]) -> None:

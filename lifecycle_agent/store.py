@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -28,6 +28,8 @@ from .errors import (
     AgentBusyError,
     AgentExistsError,
     AgentNotFoundError,
+    ContextBudgetError,
+    ContextConflictError,
     ContextFormatError,
     SchemaVersionError,
     StoreError,
@@ -35,7 +37,8 @@ from .errors import (
     StoreReadOnlyError,
     VersionNotFoundError,
 )
-from .protocol import apply_budget, neutralize
+from .protocol import BudgetResult, apply_budget, neutralize
+from .settings import AgentSettings
 
 #: Schema version written by this release. Older databases are migrated on open.
 SCHEMA_VERSION = 2
@@ -120,30 +123,54 @@ def check_agent_id(agent_id: Any) -> str:
     return agent_id
 
 
+class ContextWrite(NamedTuple):
+    """What a context write stored: the new version, the budget's outcome (status and original length, from
+    which callers word their messages) and the version's note."""
+
+    version: ContextVersion
+    budget: BudgetResult
+    note: Optional[str]
+
+
+class UpdateWrite(NamedTuple):
+    """What :meth:`Store.record_update` stored: the episode, the version it wrote (if any) and the budget's outcome."""
+
+    episode_id: int
+    version: Optional[ContextVersion]
+    budget: Optional[BudgetResult]
+
+
 def _fit_budget(
-    agent_id: str, settings: dict[str, Any], text: str, note: str | None, policy: str | None = None
-) -> tuple[str, str | None]:
-    """Fit a context about to be stored to the agent's budget; returns the text and its note.
+    agent_id: str, settings: dict[str, Any], text: str, note: str | None, policy: str | None = None,
+    what: str | None = None,
+) -> tuple[str, str | None, BudgetResult]:
+    """The budget rule, applied where every context is written: returns the text to store, its note and the outcome.
 
-    ``policy`` overrides the agent's ``budget_policy`` (``"reject"`` for a person's edit).
-    A truncation is recorded on the note; a rejection raises :class:`ContextFormatError`.
+    ``policy`` overrides the agent's ``budget_policy`` (``"reject"`` for a person's edit). A truncation is
+    recorded on the note (``what`` names the text there, e.g. ``update``). A refusal raises
+    :class:`ContextBudgetError`: nothing is written.
     """
-    from .agent import AgentSettings  # lazy: agent.py imports this module
-
     config = AgentSettings(**settings)
     result = apply_budget(text, config.context_budget, policy or config.budget_policy)
     if result.status == "ok":
-        return text, note
-    what = f"the new context ({note})" if note else "the new context"
+        return text, note, result
     if result.text is None:
-        raise ContextFormatError(
-            f"agent {agent_id!r}: {what} is {result.original_chars} characters, over the context budget of "
+        described = f"the new context ({note})" if note else "the new context"
+        raise ContextBudgetError(
+            f"agent {agent_id!r}: {described} is {result.original_chars} characters, over the context budget of "
             f"{config.context_budget}; nothing was written. "
             + ("Shorten the text or raise the agent's context_budget" if policy else
-               "Raise the agent's context_budget, or set its budget_policy to 'truncate'")
+               "Raise the agent's context_budget, or set its budget_policy to 'truncate'"),
+            original_chars=result.original_chars, budget=config.context_budget,
+            policy=policy or config.budget_policy,
         )
-    truncated = f"truncated: was {result.original_chars} characters, budget {config.context_budget}"
-    return result.text, f"{note}; {truncated}" if note else truncated
+    outcome = budget_note(result.status, result.original_chars, config.context_budget, what)
+    return result.text, f"{note}; {outcome}" if note else outcome, result
+
+
+def budget_note(status: str, original_chars: int, budget: int, what: str | None = None) -> str:
+    """How a version or episode records what the budget did, e.g. ``truncated: update was 2400 characters, budget 2000``."""
+    return f"{status}: {what + ' ' if what else ''}was {original_chars} characters, budget {budget}"
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -436,7 +463,7 @@ class Store:
         The initial context must fit the budget in ``settings`` (truncated or rejected by its policy).
         """
         check_agent_id(agent_id)
-        initial_context, note = _fit_budget(agent_id, settings or {}, neutralize(initial_context), note)
+        initial_context, note, _ = _fit_budget(agent_id, settings or {}, neutralize(initial_context), note)
         now = time.time()
         with self.transaction() as conn:
             existing = conn.execute("SELECT 1 FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
@@ -523,7 +550,11 @@ class Store:
             params = (agent_id, int(limit), int(offset))
         return [ContextVersion(**row) for row in self._read(sql, params)]
 
-    def write_context(
+    def write_context(self, agent_id: str, text: str, **options: Any) -> ContextVersion:
+        """Append a new context version and make it the head; the options and rules of :meth:`append_context`."""
+        return self.append_context(agent_id, text, **options).version
+
+    def append_context(
         self,
         agent_id: str,
         text: str,
@@ -533,13 +564,14 @@ class Store:
         note: str | None = None,
         expected_head: int | None = None,
         budget_policy: str | None = None,
-    ) -> ContextVersion:
-        """Append a new context version and make it the head.
+        what: str | None = None,
+    ) -> ContextWrite:
+        """Append a new context version, make it the head, and say what the budget did.
 
-        The agent's context budget applies (see :func:`_fit_budget`); ``budget_policy``
-        overrides its policy for this write. ``expected_head`` (optional) makes the write
-        conditional: when the head moved since the caller read it,
-        :class:`ContextConflictError` is raised and nothing is written.
+        The agent's context budget applies here, on every write (see :func:`_fit_budget`);
+        ``budget_policy`` overrides its policy for this write. ``expected_head`` (optional) makes the
+        write conditional: when the head moved since the caller read it, :class:`ContextConflictError`
+        is raised and nothing is written.
         """
         text = neutralize(text)
         now = time.time()
@@ -548,9 +580,9 @@ class Store:
             if row is None:
                 raise AgentNotFoundError(f"no agent {agent_id!r} in {self.path}")
             head = row[0]
+            text, note, budget = _fit_budget(agent_id, json.loads(row[1]), text, note, budget_policy, what)
             if expected_head is not None and head != expected_head:
                 raise ContextConflictError(agent_id, expected_head, head)
-            text, note = _fit_budget(agent_id, json.loads(row[1]), text, note, budget_policy)
             version = head + 1
             conn.execute(
                 "INSERT INTO contexts (agent_id, version, text, created_at, parent_version, episode_id, source, note)"
@@ -558,10 +590,10 @@ class Store:
                 (agent_id, version, text, now, head, episode_id, source, note),
             )
             conn.execute("UPDATE agents SET head_version = ? WHERE agent_id = ?", (version, agent_id))
-        return ContextVersion(
+        return ContextWrite(ContextVersion(
             agent_id=agent_id, version=version, text=text, created_at=now, parent_version=head,
             episode_id=episode_id, source=source, note=note,
-        )
+        ), budget, note)
 
     def rollback(self, agent_id: str, version: int) -> ContextVersion:
         """Make an old version current again by appending a copy of it (nothing is deleted).
@@ -640,8 +672,6 @@ class Store:
         settings = data.get("settings") or {}
         if not isinstance(settings, dict):
             raise ContextFormatError("export 'settings' must be a JSON object")
-        from .agent import AgentSettings  # lazy: agent.py imports this module
-
         try:
             budget = AgentSettings.model_validate(settings, strict=True).context_budget
         except ValidationError as exc:
@@ -650,9 +680,10 @@ class Store:
             raise ContextFormatError(f"export 'settings.{field}': {err['msg']}") from None
         head_chars = len(neutralize(versions[-1]["text"]))
         if head_chars > budget:
-            raise ContextFormatError(
+            raise ContextBudgetError(
                 f"export head context is {head_chars} characters, over its own budget of {budget}; "
-                "raise 'settings.context_budget' in the file or shorten the last version"
+                "raise 'settings.context_budget' in the file or shorten the last version",
+                original_chars=head_chars, budget=budget, policy="reject",
             )
         now = time.time()
         with self.transaction() as conn:
@@ -687,20 +718,30 @@ class Store:
         note: str | None = None,
         expected_head: int | None = None,
         **fields: Any,
-    ) -> tuple[int, ContextVersion | None]:
+    ) -> UpdateWrite:
         """Insert an update episode and, when ``new_text`` is given, the context version it wrote: one transaction.
 
+        The budget applies to ``new_text`` under the agent's policy; its outcome is recorded on the episode
+        (``budget_status``, and the note as its ``error``) and returned. A refused text writes no version.
         With ``expected_head``, a moved head raises :class:`ContextConflictError` and nothing is written.
         """
         row = _episode_row(fields)
         with self.transaction() as conn:
             episode_id = self._insert_episode(conn, row)
-            version = None
-            if new_text is not None:
-                version = self.write_context(
-                    row["agent_id"], new_text, source="update", episode_id=episode_id, note=note, expected_head=expected_head
+            if new_text is None:
+                return UpdateWrite(episode_id, None, None)
+            try:
+                version, budget, note = self.append_context(
+                    row["agent_id"], new_text, source="update", episode_id=episode_id, note=note,
+                    expected_head=expected_head, what="update",
                 )
-        return episode_id, version
+            except ContextBudgetError as exc:  # a refused update is a finished episode that kept the old context
+                version, budget = None, BudgetResult(None, "rejected", exc.original_chars)
+                note = budget_note("rejected", exc.original_chars, exc.budget, "update")
+            conn.execute(
+                "UPDATE episodes SET budget_status = ?, error = ? WHERE episode_id = ?", (budget.status, note, episode_id)
+            )
+        return UpdateWrite(episode_id, version, budget)
 
     def _insert_episode(self, conn: sqlite3.Connection, row: dict[str, Any]) -> int:
         columns = ", ".join(row)
@@ -931,16 +972,6 @@ def _holder_dead(holder: Optional[str], last_seen: float) -> bool:
     except PermissionError:  # alive, owned by another user
         return False
     return False
-
-
-class ContextConflictError(StoreError):
-    """A conditional context write found that the head had moved (another writer got there first)."""
-
-    def __init__(self, agent_id: str, expected: int, actual: int):
-        super().__init__(
-            f"agent {agent_id!r}: context head is version {actual}, not {expected}; re-read the context and retry"
-        )
-        self.agent_id, self.expected, self.actual = agent_id, expected, actual
 
 
 _JSON_FIELDS = ("messages", "turns", "metadata")

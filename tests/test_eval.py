@@ -353,7 +353,7 @@ def test_cli_eval_passes_the_update_temperature_and_prompt_set(tmp_path, capsys)
     [
         (["--env", "nope"], "unknown environment 'nope'; known environments:"),
         (["--env", "fact-recall", "--preset", "medium"], "no preset 'medium'"),
-        (["--env", "fact-recall", "--pack-size", "0"], "pack size must be an integer >= 1"),
+        (["--env", "fact-recall", "--pack-size", "0"], "'--pack-size' / '-S': Input should be greater than or equal to 1"),
         (["--env", "fact-recall", "--seeds", "1,x"], "seeds: 'x' is not an integer"),
         (["--env", "fact-recall", "--option", "colour"], "expected KEY=VALUE"),
         (["--env", "fact-recall", "--option", "colour=red"], "unknown option(s) colour"),
@@ -522,3 +522,53 @@ def test_cli_eval_help_states_the_default_pack_size_and_the_modes(capsys):
     assert code == 0
     assert "8 as in the method's evaluation" in text and "fact-recall 4" in text
     assert "ralph_full" in text and "ralph_sample = ralph" in text
+
+
+# ---------------------------------------------------------------- EvalConfig: one home for every setting
+def test_an_eval_config_runs_as_keywords_do_and_keywords_change_it():
+    from lifecycle_agent.eval_config import EvalConfig
+
+    config = EvalConfig.of("fact-recall", packs=2, pack_size=4, modes="live,none", seeds="1-2")
+    assert config.seeds == [1, 2] and config.modes == ["live", "none"] and config.env == ["fact-recall"]
+    by_config = strip_timing(evaluate(config, "scripted", plot=False))
+    by_keywords = strip_timing(evaluate("fact-recall", "scripted", packs=2, pack_size=4, modes="live,none", seeds=[1, 2]))
+    assert by_config == by_keywords
+    narrower = strip_timing(evaluate(config, "scripted", modes=["live"]))
+    assert list(narrower["environments"]["fact-recall"]["modes"]) == ["live"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"pack": 2}, "unknown eval setting(s) pack; settings: env, packs"),
+        ({"packs": 0}, "packs must be an integer >= 1, got 0"),
+        ({"packs": 10_001}, "packs must be at most 10000"),
+        ({"concurrency": True}, "concurrency must be an integer >= 1, got True"),
+        ({"temperature": -0.5}, "temperature must be a number >= 0"),
+        ({"context_budget": 100_001}, "context budget must be at most 100000"),
+        ({"parse_policy": "loose"}, "parse policy must be strict or lenient"),
+        ({"env_options": {"alchemy": {}}}, "env_options names environment(s) not evaluated: alchemy"),
+        ({"plot": "sometimes"}, "plot: Input should be a valid boolean"),
+    ],
+)
+def test_eval_config_names_the_bad_setting(settings, message):
+    from lifecycle_agent.eval_config import EvalConfig
+
+    with pytest.raises(EvalError) as exc:
+        EvalConfig.of("fact-recall", **settings)
+    assert message in str(exc.value)
+
+
+def test_the_eval_cli_takes_its_defaults_and_bounds_from_eval_config():
+    import typer.main
+
+    from lifecycle_agent.cli import app
+    from lifecycle_agent.eval_config import EvalConfig
+
+    command = typer.main.get_command(app).commands["eval"]
+    params = {p.name: p for p in command.params}
+    for name in ("packs", "concurrency", "preset"):
+        assert params[name].default == EvalConfig.model_fields[name].default, name
+        assert params[name].help == EvalConfig.model_fields[name].description
+    assert params["modes"].default == ",".join(EvalConfig.model_fields["modes"].default)
+    assert (params["packs"].min, params["packs"].max) == (1, 10_000)

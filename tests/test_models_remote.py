@@ -326,7 +326,7 @@ def test_auth_errors_raise_model_auth_error_without_retry(server, status):
         model.generate(USER)
     message = str(info.value)
     assert f"endpoint {server.base_url} refused the API key ({status})" in message
-    assert "OPENAI_API_KEY" in message and "--api-key" in message and "invalid api key" in message
+    assert "OPENAI_API_KEY" in message and "--model-api-key" in message and "invalid api key" in message
     assert server.count == 1
     model.close()
 

@@ -57,4 +57,3 @@ def test_the_shipped_adapter_is_packaged_small_and_documented():
         assert (shipped / name).is_file(), name
     assert (shipped / "adapter_model.safetensors").stat().st_size <= 10 * 1024 * 1024
     assert '"adapters/*/*"' in (ROOT / "pyproject.toml").read_text()  # wheels carry it too
-    assert "benchmarks/train_learning.py" in (shipped / "report.md").read_text()  # how to reproduce it

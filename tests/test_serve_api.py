@@ -18,6 +18,7 @@ from lifecycle_agent import CONTEXT_BEGIN, CONTEXT_END  # noqa: E402
 from lifecycle_agent.errors import AgentNotFoundError, ModelCallError  # noqa: E402
 from lifecycle_agent.models.scripted import ScriptedModel, is_update  # noqa: E402
 from lifecycle_agent.server import create_app  # noqa: E402
+from lifecycle_agent.settings import MAX_CONTEXT_BUDGET, AgentSettings  # noqa: E402
 from lifecycle_agent.store import Store  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -142,11 +143,34 @@ async def test_create_agent_with_unknown_prompt_set_is_400(make_app):
     assert r.status_code == 400 and "unknown prompt set" in error_of(r)["message"]
 
 
-async def test_create_agent_with_initial_context_over_budget_is_400(make_app, store):
+async def test_create_agent_with_initial_context_over_budget_is_400_under_reject(make_app, store):
+    async with serving(make_app()) as c:
+        r = await c.post("/v1/agents", json={"agent_id": "bot", "context_budget": 10, "budget_policy": "reject",
+                                             "context": "far too long a note"})
+    assert r.status_code == 400 and error_of(r)["param"] == "context"
+    assert error_of(r)["message"] == "context is 19 characters, over the context budget of 10"
+    assert store.list_agents() == []
+
+
+async def test_create_agent_truncates_an_over_long_initial_context_under_truncate_as_the_store_does(make_app, store):
+    # the server applies the budget rule the store applies (it used to refuse under every policy)
     async with serving(make_app()) as c:
         r = await c.post("/v1/agents", json={"agent_id": "bot", "context_budget": 10, "context": "far too long a note"})
-    assert r.status_code == 400 and error_of(r)["param"] == "context"
-    assert store.list_agents() == []
+        ctx = (await c.get("/v1/agents/bot/context")).json()
+    assert r.status_code == 201
+    assert ctx["text"] == "far too" and ctx["version"] == 0
+    direct = Store(":memory:")
+    direct.create_agent("bot", {"context_budget": 10}, initial_context="far too long a note")
+    assert direct.head("bot").text == ctx["text"]
+    assert store.head(store.list_agents()[0].agent_id).note == "truncated: was 19 characters, budget 10"
+
+
+async def test_create_agent_budget_over_the_one_limit_is_400(make_app, store):
+    async with serving(make_app()) as c:
+        r = await c.post("/v1/agents", json={"agent_id": "bot", "context_budget": MAX_CONTEXT_BUDGET + 1})
+    assert r.status_code == 400 and error_of(r)["param"] == "context_budget"
+    with pytest.raises(ValueError, match="less than or equal to 100000"):
+        AgentSettings(context_budget=MAX_CONTEXT_BUDGET + 1)
 
 
 async def test_delete_agent_removes_it_with_its_episodes(make_app, store):

@@ -403,7 +403,7 @@ def test_run_on_a_read_only_database_exits_2_naming_the_file(tmp_path, capsys, m
     monkeypatch.setattr(Store, "__init__", read_only)
     with pytest.raises(SystemExit) as exc:
         main(["run", "--env", "fact-recall", "-n", "1", "--model", "scripted", "--db", str(db)])
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long paths at the terminal width
     assert exc.value.code == 2 and "is read-only" in err and "Traceback" not in err
 
 
@@ -519,3 +519,51 @@ def test_a_version_1_database_is_migrated_to_version_2_keeping_its_runs(tmp_path
         assert store.schema_version() == 2
         (run,) = store.runs("a")
     assert run["status"] == "completed" and run["holder"] is None and run["stale"] == 0
+
+
+# ---------------------------------------------------------------- the budget rule, applied by the store's write path
+def test_record_update_applies_the_budget_and_records_its_outcome_on_the_episode(store):
+    long_update = "word " * 30  # 150 characters, budget 100: cut at a word boundary
+    episode_id, version, budget = store.record_update(
+        new_text=long_update, agent_id="a1", kind="update", status="ok", messages=[])
+    assert (budget.status, budget.original_chars) == ("truncated", 150)
+    assert len(version.text) <= 100 and version.note == "truncated: update was 150 characters, budget 100"
+    row = store.get_episode(episode_id)
+    assert (row.budget_status, row.error) == ("truncated", version.note)
+
+
+def test_record_update_refused_by_the_budget_keeps_the_context_and_records_the_episode(store):
+    store.update_settings("a1", {"context_budget": 100, "budget_policy": "reject"})
+    episode_id, version, budget = store.record_update(
+        new_text="x" * 150, expected_head=0, agent_id="a1", kind="update", status="ok", messages=[])
+    assert version is None and (budget.status, budget.original_chars) == ("rejected", 150)
+    row = store.get_episode(episode_id)
+    assert (row.budget_status, row.error) == ("rejected", "rejected: update was 150 characters, budget 100")
+    assert store.head("a1").version == 0
+
+
+def test_a_refused_write_raises_a_budget_error_carrying_its_outcome(store):
+    from lifecycle_agent.errors import ContextBudgetError
+
+    with pytest.raises(ContextBudgetError) as exc:
+        store.write_context("a1", "y" * 150, source="edit", budget_policy="reject")
+    assert (exc.value.original_chars, exc.value.budget, exc.value.policy) == (150, 100, "reject")
+    assert isinstance(exc.value, ContextFormatError) and store.head("a1").version == 0
+
+
+def test_append_context_returns_the_budget_outcome_of_a_truncated_write(store):
+    write = store.append_context("a1", "word " * 30, source="edit", note="from a file", what="the file")
+    assert (write.budget.status, write.budget.original_chars) == ("truncated", 150)
+    assert write.version.note == write.note == "from a file; truncated: the file was 150 characters, budget 100"
+
+
+def test_settings_and_conflict_error_have_one_home():
+    from lifecycle_agent import AgentSettings, agent, errors, settings, store as store_mod
+
+    assert AgentSettings is settings.AgentSettings is agent.AgentSettings
+    assert ContextConflictError is errors.ContextConflictError is store_mod.ContextConflictError
+    import ast
+    import inspect
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(store_mod))) if isinstance(n, ast.ImportFrom)}
+    assert "agent" not in imported  # the store no longer reaches up into the agent

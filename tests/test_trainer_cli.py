@@ -115,7 +115,9 @@ def test_tiny_run_from_the_command_line(cli, tmp_path, tiny_llama):
     result = json.loads(stdout)
     assert result["steps"] == 1 and (out / "adapter_model.safetensors").is_file()
     command = json.loads((out / "train_config.json").read_text())["command"]
-    assert command.startswith("lifecycle-agent train --lora --output ") and "--group-size 2" in command
+    # the old spellings are aliases; the stored command line speaks the field names
+    assert command.startswith("lifecycle-agent train --lora --output-dir ") and "--group-size 2" in command
+    assert "--max-steps 1" in command and "--learning-rate 0.001" in command and "--envs reply-length" in command
 
 
 def test_a_failed_start_leaves_the_output_directory_for_a_corrected_retry(cli, tmp_path, tiny_llama):

@@ -225,3 +225,23 @@ def test_a_run_saved_before_on_failed_update_existed_resumes_with_keep(tmp_path)
     loaded = CoDConfig.load(tmp_path / "train_config.json")
     assert loaded.on_failed_update == "keep" and loaded.init_adapter is None
     assert CoDConfig(output_dir="x").on_failed_update == "reset"  # new runs follow the reference rule
+
+
+def test_resume_from_overlays_the_given_options_on_the_stored_run(tmp_path):
+    CoDConfig(output_dir=str(tmp_path), max_steps=7, group_size=3, learning_rate=1e-4).save(tmp_path / "train_config.json")
+    resumed = CoDConfig.resume_from(tmp_path, max_steps=9, group_size=None)
+    assert (resumed.max_steps, resumed.group_size, resumed.learning_rate) == (9, 3, 1e-4)  # None: not given, stored kept
+    assert resumed.output_dir == str(tmp_path)
+
+
+def test_resume_from_a_directory_without_a_run_starts_from_the_defaults(tmp_path):
+    fresh = CoDConfig.resume_from(tmp_path / "new", max_steps=2)
+    assert fresh.max_steps == 2 and fresh.group_size == CoDConfig(output_dir="x").group_size
+
+
+def test_resume_from_refuses_unknown_options_and_unreadable_runs(tmp_path):
+    with pytest.raises(TrainConfigError, match="unknown training option.*max_step"):
+        CoDConfig.resume_from(tmp_path, max_step=2)
+    (tmp_path / "train_config.json").write_text("{not json")
+    with pytest.raises(TrainConfigError, match="cannot read the training config"):
+        CoDConfig.resume_from(tmp_path)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lifecycle_agent.settings import TRAINING_SETTINGS, AgentSettings, OnFailedUpdate, ParsePolicy
+
 from .errors import TrainConfigError
 
 #: Loss types: ``cod`` (the paper's one-sided masked policy gradient) or one of TRL's GRPO losses.
@@ -79,15 +81,15 @@ class CoDConfig:
     """Sampling temperature of solve and update episodes; the loss computes log-probs at the same one. Default 0.6."""
     max_new_tokens: int = 64
     """Completion budget per model call, tokens. Default 64."""
-    context_budget: int = 2000
+    context_budget: int = TRAINING_SETTINGS.context_budget
     """Maximum context length, characters (as in deployment). Default 2000."""
-    parse_policy: str = "strict"
+    parse_policy: ParsePolicy = TRAINING_SETTINGS.parse_policy
     """``strict`` (default, as in the paper: only a delimited block counts) or ``lenient`` parsing of update
     replies (a lenient format miss is still penalised)."""
-    on_failed_update: str = "reset"
+    on_failed_update: OnFailedUpdate = TRAINING_SETTINGS.on_failed_update
     """After an update with no usable notes: ``reset`` (default, the reference's rule: the context becomes the
     fixed "No notes available." text, so a bad update costs the later tasks) or ``keep`` (deployment's rule)."""
-    prompt_set: str = "cod-v2"
+    prompt_set: str = TRAINING_SETTINGS.prompt_set
     """Prompt-set id used to build every prompt."""
     init_adapter: Optional[str] = None
     """Start from this LoRA adapter directory (e.g. a ``train --sft`` run) instead of a new adapter; its rank,
@@ -231,7 +233,7 @@ class CoDConfig:
         for name in self.envs:
             registry.make(name, preset=self.preset)  # unknown names and presets raise EnvironmentSpecError
         for name, minimum in (
-            ("max_steps", 1), ("packs_per_step", 1), ("max_new_tokens", 1), ("context_budget", 1),
+            ("max_steps", 1), ("packs_per_step", 1), ("max_new_tokens", 1),
             ("gradient_accumulation_steps", 1), ("lora_rank", 1), ("lora_alpha", 1), ("save_steps", 1),
             ("eval_packs", 1), ("eval_every", 0), ("warmup_steps", 0),
         ):
@@ -268,10 +270,7 @@ class CoDConfig:
             raise bad("max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if self.beta < 0:
             raise bad("beta", f"must be >= 0, got {self.beta}")
-        if self.parse_policy not in ("lenient", "strict"):
-            raise bad("parse_policy", f"must be lenient or strict, got {self.parse_policy!r}")
-        if self.on_failed_update not in ("reset", "keep"):
-            raise bad("on_failed_update", f"must be reset or keep, got {self.on_failed_update!r}")
+        _check_agent_settings(self)
         if self.init_adapter is not None:
             check_adapter_dir(self.init_adapter, "init_adapter")
         from lifecycle_agent.prompts import get_prompt_set
@@ -339,6 +338,22 @@ class CoDConfig:
         # runs saved before on_failed_update existed kept the context after a failed update: resume them so
         stored.setdefault("on_failed_update", "keep")
         return cls.from_dict(stored)
+
+    @classmethod
+    def resume_from(cls, output_dir: str | Path, **given: Any) -> "CoDConfig":
+        """The config of a run in ``output_dir`` continued with ``given`` options.
+
+        The stored ``train_config.json`` is the base when it exists (else the defaults); every
+        option in ``given`` that is not ``None`` overrides it (``None`` means "not given", so a
+        resumed run keeps what it was started with). Whether an override is allowed on a resumed
+        run (:data:`RESUMABLE`) is the trainer's check, against the same stored file.
+        """
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)} - {"output_dir"})
+        if unknown:
+            raise TrainConfigError(f"unknown training option(s): {', '.join(unknown)}")
+        stored = Path(output_dir) / "train_config.json"
+        base = cls.load(stored).to_dict() if stored.is_file() else {}
+        return cls(**{**base, **{k: v for k, v in given.items() if v is not None}, "output_dir": str(output_dir)})
 
     def differences(self, other: "CoDConfig") -> list[str]:
         """Options that differ from ``other`` and may not change on resume, as ``name: old -> new`` lines."""
@@ -416,6 +431,17 @@ def resolve_precision(
     if name == "bfloat16" and device.startswith("cuda") and not bf16_supported:
         raise TrainConfigError("dtype bfloat16: this GPU does not support it; use float16")
     return device, name
+
+
+def _check_agent_settings(config: CoDConfig) -> None:
+    """The agent settings a run passes to its rollouts, checked by their one definition (AgentSettings)."""
+    fields = {name: getattr(config, name) for name in ("context_budget", "parse_policy", "on_failed_update")}
+    try:
+        AgentSettings.model_validate(fields, strict=True)
+    except ValueError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0])
+        raise TrainConfigError(f"{name}: {err['msg'].lower()}, got {fields[name]!r}") from None
 
 
 def _check_int(config: CoDConfig, name: str, minimum: Optional[int], why: str = "") -> None:

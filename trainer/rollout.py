@@ -19,6 +19,7 @@ from lifecycle_agent import envs as env_registry
 from lifecycle_agent.agent import LifecycleAgent
 from lifecycle_agent.errors import LifecycleAgentError
 from lifecycle_agent.models.base import ChatModel
+from lifecycle_agent.settings import TRAINING_SETTINGS, OnFailedUpdate, ParsePolicy
 from lifecycle_agent.store import EpisodeRow, Store
 
 from .credit import PARSE_FAILURE_REWARD, update_reward
@@ -110,10 +111,10 @@ class RolloutSettings:
     pack_size: int
     temperature: float
     max_new_tokens: int
-    context_budget: int = 2000
-    parse_policy: str = "strict"
-    on_failed_update: str = "reset"
-    prompt_set: str = "cod-v2"
+    context_budget: int = TRAINING_SETTINGS.context_budget
+    parse_policy: ParsePolicy = TRAINING_SETTINGS.parse_policy
+    on_failed_update: OnFailedUpdate = TRAINING_SETTINGS.on_failed_update
+    prompt_set: str = TRAINING_SETTINGS.prompt_set
     parse_failure_reward: float = PARSE_FAILURE_REWARD
     initial_context: str = ""
 

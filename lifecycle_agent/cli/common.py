@@ -23,7 +23,29 @@ MODEL_OPTION = typer.Option(
     "hf:PATH[@ADAPTER_DIR], openai:MODEL, py:package.module:callable, scripted.",
 )
 BASE_URL_OPTION = typer.Option(None, "--base-url", help="Base URL of an OpenAI-compatible endpoint (openai: specs).")
-API_KEY_OPTION = typer.Option(None, "--api-key", help="API key for openai: specs (default: OPENAI_API_KEY).", envvar=None)
+API_KEY_OPTION = typer.Option(
+    None, "--model-api-key", "--api-key", help="API key for openai: specs (default: OPENAI_API_KEY).", envvar=None
+)
+
+
+_FIELD_DEFAULT = object()
+
+
+def config_option(config_class: Any, name: str, *names: str, default: Any = _FIELD_DEFAULT, **options: Any) -> Any:
+    """A typer option for field ``name`` of a pydantic config class: its default, help text and bounds come from
+    the field, so the CLI never restates them. ``names`` are the flags (default ``--field-name``); ``default=...``
+    makes the option required."""
+    field = config_class.model_fields[name]
+    if default is _FIELD_DEFAULT:
+        default = None if field.default_factory is not None else field.default
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+    for bound in field.metadata:
+        for ours, theirs in (("min", "ge"), ("max", "le")):
+            value = getattr(bound, theirs, None)
+            if value is not None and not isinstance(default, str):
+                options.setdefault(ours, value)
+    return typer.Option(default, *(names or ("--" + name.replace("_", "-"),)), help=field.description, **options)
 
 
 def print_json(data: Any) -> None:

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..agent import edit_context
 from ..errors import ContextFormatError
 from ..store import DEFAULT_BUSY_TIMEOUT, LOCK_ATTEMPTS, Store
 from . import app
@@ -166,7 +167,7 @@ def set_context(
 
     text = sys.stdin.read() if str(file) == "-" else _read_text(file, "context file")
     store = open_store(db, busy_timeout)
-    new = store.write_context(agent, text, source="edit", note=f"set from {file}", budget_policy="reject")
+    new = edit_context(store, agent, text, note=f"set from {file}")
     if as_json:
         print_json(new.model_dump())
     else:

@@ -10,11 +10,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..eval import DEFAULT_MODES, MODE_ALIASES, MODES, EvalError, EvalProgress, check_resume, evaluate, parse_names, table_rows
+from ..eval import EvalError, EvalProgress, check_resume, evaluate, parse_names, table_rows
+from ..eval_config import EvalConfig
 from . import app
 from .common import (
-    API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, THREADS_OPTION, apply_threads, check_model_spec, console,
-    err_console, load_model, print_json,
+    API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, MODEL_OPTION, THREADS_OPTION, apply_threads, check_model_spec,
+    config_option, console, err_console, load_model, print_json,
 )
 
 
@@ -55,44 +56,33 @@ def eval_command(
     model: str = MODEL_OPTION,
     base_url: Optional[str] = BASE_URL_OPTION,
     api_key: Optional[str] = API_KEY_OPTION,
-    packs: int = typer.Option(4, "--packs", help="Packs per seed and environment."),
-    pack_size: Optional[int] = typer.Option(
-        None, "--pack-size", "-S",
-        help="Tasks per pack (positions 0..S-1). Default: each environment's own, 8 as in the method's evaluation "
-        "(fact-recall 4); `envs list --json` shows eval_pack_size.",
-    ),
-    preset: str = typer.Option("train", "--preset", help="Environment preset: train, easy or hard."),
-    seeds: str = typer.Option("1", "--seeds", help="Seeds, e.g. 1,2,3 or 1-5."),
-    modes: str = typer.Option(
-        ",".join(DEFAULT_MODES), "--modes",
-        help="Modes to run, from: " + ", ".join(MODES) + " ("
-        + ", ".join(f"{alias} = {mode}" for alias, mode in MODE_ALIASES.items())
-        + "; ralph_full plays every task of a pack S times, S packs per pack).",
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for eval.db, report.json, report.md, curve.png (rerun to resume)."),
-    concurrency: int = typer.Option(4, "--concurrency", "-c", help="Packs run at the same time over one shared model."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature (default: the model's)."),
-    update_temperature: Optional[float] = typer.Option(None, "--update-temperature", min=0.0, help="Temperature of update episodes (default: --temperature)."),
-    prompt_set: Optional[str] = typer.Option(None, "--prompt-set", help="Prompt set id (default: the current one; see docs/concepts.md)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens per model call (default: the model's)."),
-    context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Context budget, characters."),
-    parse_policy: Optional[str] = typer.Option(None, "--parse-policy", help="lenient or strict."),
+    packs: int = config_option(EvalConfig, "packs"),
+    pack_size: Optional[int] = config_option(EvalConfig, "pack_size", "--pack-size", "-S"),
+    preset: str = config_option(EvalConfig, "preset"),
+    seeds: str = config_option(EvalConfig, "seeds"),
+    modes: str = config_option(EvalConfig, "modes"),
+    out: Path = config_option(EvalConfig, "out", "--out", "-o", default=...),
+    concurrency: int = config_option(EvalConfig, "concurrency", "--concurrency", "-c"),
+    temperature: Optional[float] = config_option(EvalConfig, "temperature"),
+    update_temperature: Optional[float] = config_option(EvalConfig, "update_temperature"),
+    prompt_set: Optional[str] = config_option(EvalConfig, "prompt_set"),
+    max_new_tokens: Optional[int] = config_option(EvalConfig, "max_new_tokens"),
+    context_budget: Optional[int] = config_option(EvalConfig, "context_budget"),
+    parse_policy: Optional[str] = config_option(EvalConfig, "parse_policy"),
     option: list[str] = typer.Option([], "--option", help="Environment option KEY=VALUE for every --env (repeatable)."),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write curve.png."),
+    plot: bool = config_option(EvalConfig, "plot", "--plot/--no-plot"),
     threads: Optional[int] = THREADS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Mean reward by position for live / frozen / none context and Ralph packing, with 95% intervals."""
-    if parse_policy is not None and parse_policy not in ("lenient", "strict"):
-        raise typer.BadParameter("must be lenient or strict", param_hint="--parse-policy")
     env_names = parse_names(env)
-    env_options = parse_options(option, env_names)
-    check_resume(  # every check that needs no model, before the (possibly slow) model load
-        env_names, out, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes,
+    config = EvalConfig.of(  # every check that needs no model, before the (possibly slow) model load
+        env_names, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes, out=out,
         concurrency=concurrency, temperature=temperature, update_temperature=update_temperature,
         max_new_tokens=max_new_tokens, context_budget=context_budget, parse_policy=parse_policy,
-        prompt_set=prompt_set, env_options=env_options,
+        prompt_set=prompt_set, env_options=parse_options(option, env_names), plot=plot,
     )
+    check_resume(config)
     check_model_spec(model)
     if not as_json:
         err_console.print(f"loading model {model} ...")
@@ -115,13 +105,7 @@ def eval_command(
 
     try:
         with progress:
-            report = evaluate(
-                env_names, chat_model, packs=packs, pack_size=pack_size, preset=preset, seeds=seeds, modes=modes,
-                out=out, concurrency=concurrency, temperature=temperature, update_temperature=update_temperature,
-                prompt_set=prompt_set, max_new_tokens=max_new_tokens,
-                context_budget=context_budget, parse_policy=parse_policy, env_options=env_options,
-                on_progress=on_progress, plot=plot,
-            )
+            report = evaluate(config, chat_model, on_progress=on_progress)
     finally:
         chat_model.close()
     if as_json:

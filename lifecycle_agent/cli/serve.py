@@ -19,7 +19,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (beyond loopback only with API keys)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
     api_key: Optional[list[str]] = typer.Option(
-        None, "--api-key", help="An API key clients must send (repeat for several tenants). "
+        None, "--tenant-key", "--api-key", help="A key clients must send, one per tenant (repeat for several tenants). "
                                 "Default: LIFECYCLE_AGENT_API_KEYS (comma-separated). None: local-only mode.",
     ),
     model_base_url: Optional[str] = typer.Option(None, "--model-base-url", help="Endpoint of an openai: model spec."),
@@ -42,7 +42,7 @@ def serve(
         err_console.print(Panel(
             f"[bold]LOCAL-ONLY MODE[/]: no API keys configured, so there is [bold]no authentication[/].\n"
             f"Listening on {escape(host)}:{port} and answering loopback clients only.\n"
-            "Give --api-key KEY (or LIFECYCLE_AGENT_API_KEYS) to serve other machines.",
+            "Give --tenant-key KEY (or LIFECYCLE_AGENT_API_KEYS) to serve other machines.",
             title="lifecycle-agent serve", border_style="bold yellow",
         ))
     apply_threads(threads)

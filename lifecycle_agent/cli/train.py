@@ -55,12 +55,9 @@ def parse_trl_args(items: list[str]) -> dict[str, Any]:
 
 def build_config(output: Path, given: dict[str, Any], resume: bool) -> "CoDConfig":
     """The run's config: options given on the command line over the stored run (with --resume) or the defaults."""
-    base: dict[str, Any] = {}
-    stored = output / "train_config.json"
-    if resume and stored.is_file():
-        base = CoDConfig.load(stored).to_dict()
-    options = {**base, **{k: v for k, v in given.items() if v is not None}, "output_dir": str(output)}
-    return CoDConfig(**options)
+    if resume:
+        return CoDConfig.resume_from(output, **given)
+    return CoDConfig(**{k: v for k, v in given.items() if v is not None}, output_dir=str(output))
 
 
 def results_table(before: Optional[dict], after: Optional[dict]) -> Optional[Table]:
@@ -95,16 +92,16 @@ def train_command(
     init_adapter: Optional[str] = typer.Option(None, "--init-adapter", help="--lora: continue from this LoRA adapter directory (e.g. a train --sft output)."),
     prompt_set: Optional[str] = typer.Option(None, "--prompt-set", help="Prompt-set id of every episode (default: cod-v1 for --lora, cod-v2 for --sft)."),
     on_failed_update: Optional[str] = typer.Option(None, "--on-failed-update", help="--lora: reset (the context becomes 'No notes available.') or keep, after an update with no notes." + _d("on_failed_update")),
-    output: Path = typer.Option(..., "--output", "-o", help="Run directory: adapter, checkpoints, metrics.jsonl, report.md."),
-    env: Optional[str] = typer.Option(None, "--env", "-e", help="Environment(s), comma-separated." + _d("envs")),
+    output: Path = typer.Option(..., "--output-dir", "--output", "-o", help="Run directory: adapter, checkpoints, metrics.jsonl, report.md."),
+    env: Optional[str] = typer.Option(None, "--envs", "--env", "-e", help="Environment(s), comma-separated." + _d("envs")),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local trainable model: smollm2 or hf:PATH." + _d("model")),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps." + _d("max_steps")),
+    steps: Optional[int] = typer.Option(None, "--max-steps", "--steps", help="Optimizer steps." + _d("max_steps")),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop after the step that ends this many minutes into training (default: no limit)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-G", help="Rollouts per pack, from the same context (>= 2)." + _d("group_size")),
     pack_size: Optional[int] = typer.Option(None, "--pack-size", "-S", help="Tasks per pack (>= 2)." + _d("pack_size")),
     packs_per_step: Optional[int] = typer.Option(None, "--packs-per-step", help="Packs per optimizer step." + _d("packs_per_step")),
     packing: Optional[str] = typer.Option(None, "--packing", help="--lora: cod, ralph_sample (ralph) or ralph_full; how a training pack is made from its seed." + _d("packing")),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate." + _d("learning_rate")),
+    lr: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Learning rate." + _d("learning_rate")),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint (same pack order)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in --output and start over."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on held-out packs every K steps (0: before and after only)." + _d("eval_every")),
@@ -114,7 +111,7 @@ def train_command(
     preset: Optional[str] = typer.Option(None, "--preset", help="Environment preset." + _d("preset")),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of rollouts and of the loss's log-probs." + _d("temperature")),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens per model call." + _d("max_new_tokens")),
-    loss: Optional[str] = typer.Option(None, "--loss", help="cod (one-sided masked PG) or a TRL loss: " + ", ".join(LOSS_TYPES[1:]) + "." + _d("loss_type")),
+    loss: Optional[str] = typer.Option(None, "--loss-type", "--loss", help="cod (one-sided masked PG) or a TRL loss: " + ", ".join(LOSS_TYPES[1:]) + "." + _d("loss_type")),
     normalize_std: Optional[bool] = typer.Option(None, "--normalize-std/--no-normalize-std", help="Divide advantages by the group std." + _d("normalize_std")),
     reweight: Optional[bool] = typer.Option(None, "--reweight/--no-reweight", help="Adaptive advantage re-weighting A*exp(A/T)." + _d("reweight")),
     beta: Optional[float] = typer.Option(None, "--beta", help="KL coefficient (TRL loss types only)." + _d("beta")),
@@ -123,9 +120,9 @@ def train_command(
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="LoRA rank." + _d("lora_rank")),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha." + _d("lora_alpha")),
     lora_target: Optional[str] = typer.Option(None, "--lora-target", help="all-linear or comma-separated module names." + _d("lora_target")),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step." + _d("gradient_accumulation_steps")),
+    grad_accum: Optional[int] = typer.Option(None, "--gradient-accumulation-steps", "--grad-accum", help="Micro-batches per optimizer step." + _d("gradient_accumulation_steps")),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward: less memory, ~1/3 more compute." + _d("gradient_checkpointing")),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps." + _d("save_steps")),
+    save_every: Optional[int] = typer.Option(None, "--save-steps", "--save-every", help="Checkpoint every N steps." + _d("save_steps")),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of sampling and LoRA init." + _d("seed")),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, envvar="LIFECYCLE_AGENT_THREADS", help="torch CPU threads (default: one per core; 1 is faster on a CPU shared with other jobs). Also LIFECYCLE_AGENT_THREADS."),
@@ -151,7 +148,7 @@ def train_command(
     if CoDConfig is None:  # pragma: no cover
         raise typer.BadParameter("the trainer package is not installed: pip install 'lifecycle-agent[train]'")
     if sft:
-        refused = {"--resume": resume, "--init-adapter": init_adapter, "--group-size": group_size, "--loss": loss,
+        refused = {"--resume": resume, "--init-adapter": init_adapter, "--group-size": group_size, "--loss-type": loss,
                    "--packing": packing,
                    "--on-failed-update": on_failed_update}
         given_refused = [name for name, value in refused.items() if value not in (None, False)]

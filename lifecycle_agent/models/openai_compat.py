@@ -122,7 +122,7 @@ class OpenAIModel(ChatModel):
             if base_url is None:
                 raise ModelSpecError(
                     f"model openai:{model}: no API key. Set OPENAI_API_KEY, or pass api_key= "
-                    "(--api-key), or point at a local OpenAI-compatible server with base_url= "
+                    "(--model-api-key), or point at a local OpenAI-compatible server with base_url= "
                     "(--base-url / OPENAI_BASE_URL)"
                 )
             api_key = PLACEHOLDER_API_KEY
@@ -301,7 +301,7 @@ class OpenAIModel(ChatModel):
         if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
             return ModelAuthError(
                 f"endpoint {self.base_url} refused the API key ({exc.status_code}) for model {self.model!r}: "
-                f"check OPENAI_API_KEY / --api-key ({_server_message(exc)})"
+                f"check OPENAI_API_KEY / --model-api-key ({_server_message(exc)})"
             )
         if isinstance(exc, openai.RateLimitError) and _is_quota_error(exc):
             return ModelCallError(

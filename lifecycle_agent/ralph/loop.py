@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from .. import protocol
 from ..agent import LifecycleAgent, drive
+from ..errors import ContextBudgetError
 from ..models.base import ChatModel
 from ..store import Store
 from .config import DEFAULT_NOTES_BUDGET, UNSET, RalphConfig, RalphError
@@ -391,28 +391,25 @@ class _Loop:
         head = self.store.head(self.config.agent_id)
         if text is None or text == normalise_notes(head.text):
             return None
-        text = protocol.neutralize(text)  # as it will be stored: the budget applies to that text
-        limit, policy = self.agent.settings.context_budget, self.agent.settings.budget_policy
-        budget = protocol.apply_budget(text, limit, policy)
-        if budget.text is None:
-            why = "the agent's budget policy is 'reject'" if policy == "reject" else (
-                f"has no space or line break in its first {limit} characters to cut at"
+        try:
+            write = self.store.append_context(
+                self.config.agent_id, text, source=source, note=note, episode_id=episode_id, what="the notes file"
+            )
+        except ContextBudgetError as exc:
+            why = "the agent's budget policy is 'reject'" if exc.policy == "reject" else (
+                f"has no space or line break in its first {exc.budget} characters to cut at"
             )
             raise NotesFileError(
-                f"notes file {self.setup.notes_path} is {budget.original_chars} characters, over the notes budget of {limit}, "
-                f"and {why}; shorten it (or raise --context-budget) and rerun to go on"
-            )
-        if budget.status != "ok":
-            note += f"; {budget.status}: the notes file was {budget.original_chars} characters, budget {limit}"
-        version = self.store.write_context(
-            self.config.agent_id, budget.text, source=source, note=note, episode_id=episode_id
-        ).version
-        if budget.status != "ok":
+                f"notes file {self.setup.notes_path} is {exc.original_chars} characters, over the notes budget of "
+                f"{exc.budget}, and {why}; shorten it (or raise --context-budget) and rerun to go on"
+            ) from None
+        version = write.version.version
+        if write.budget.status != "ok":
             self.emit(
                 "notes", n,
-                f"notes file {self.config.notes_file} was {budget.original_chars} characters, over the notes budget of "
-                f"{limit}: notes version {version} keeps its first {len(budget.text)}, cut at a word boundary "
-                "(raise --context-budget to keep more)",
+                f"notes file {self.config.notes_file} was {write.budget.original_chars} characters, over the notes "
+                f"budget of {self.agent.settings.context_budget}: notes version {version} keeps its first "
+                f"{len(write.version.text)}, cut at a word boundary (raise --context-budget to keep more)",
             )
         return version
 

@@ -41,7 +41,7 @@ def check_bind(host: str, api_keys: Iterable[str]) -> None:
     if not list(api_keys) and not is_loopback(host):
         raise ValueError(
             f"refusing to serve on {host} without API keys: anyone who can reach it could read and change "
-            f"every agent. Give --api-key (or set {API_KEYS_ENV}), or bind to 127.0.0.1"
+            f"every agent. Give --tenant-key (or set {API_KEYS_ENV}), or bind to 127.0.0.1"
         )
 
 

@@ -21,10 +21,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..agent import AgentSettings
+from ..settings import AgentSettings
 from ..errors import (
     AgentExistsError,
     AgentNotFoundError,
+    ContextBudgetError,
     ContextFormatError,
     FeedbackConflictError,
     ModelCallError,
@@ -34,7 +35,6 @@ from ..errors import (
     VersionNotFoundError,
 )
 from ..models.base import ChatModel
-from ..protocol import apply_budget
 from ..store import AgentInfo, ContextVersion, EpisodeRow, Store, check_agent_id
 from . import schemas as s
 from .auth import LOCAL_TENANT, MAX_PUBLIC_ID_CHARS, KeyRing, Tenant, is_loopback
@@ -297,7 +297,7 @@ def _openapi(app: FastAPI) -> dict:
 # ---------------------------------------------------------------------------------------- auth
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--api-key).")
+_bearer = HTTPBearer(auto_error=False, description="An API key given to the server (--tenant-key).")
 
 
 async def tenant_of(
@@ -567,12 +567,12 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
         sid = stored_id(tenant, body.agent_id)
         settings = AgentSettings(**body.model_dump(include={"context_budget", "budget_policy", "parse_policy",
                                                             "prompt_set", "on_failed_update"}, exclude_none=True))
-        if body.context and apply_budget(body.context, settings.context_budget, "reject").text is None:
-            raise _bad(f"context is {len(body.context)} characters, over the context budget of "
-                       f"{settings.context_budget}", "context")
         try:
             info = await db(store.create_agent, sid, settings.model_dump(), owner=tenant.owner,
                             initial_context=body.context or "")
+        except ContextBudgetError as exc:  # the store applied the agent's budget policy and refused it
+            raise _bad(f"context is {exc.original_chars} characters, over the context budget of {exc.budget}",
+                       "context") from None
         except AgentExistsError:
             raise ApiError(409, f"you already have an agent {body.agent_id!r}; choose another id", "conflict_error",
                            param="agent_id", code="agent_exists") from None
@@ -601,15 +601,13 @@ def _routes(service: AgentService, keyring: KeyRing) -> APIRouter:
             data["settings"] = AgentSettings(**body.settings).model_dump()
         except (ValueError, TypeError) as exc:
             raise _bad(f"settings: {exc}", "settings") from None
-        head = body.versions[-1].text
-        budget = data["settings"]["context_budget"]
-        if apply_budget(head, budget, "reject").text is None:
-            last = len(body.versions) - 1
-            raise _bad(f"versions[{last}].text: the head context (the last version) is {len(head)} characters, over "
-                       f"the agent's context budget of {budget}; shorten it or raise settings.context_budget",
-                       f"versions[{last}].text")
         try:
             info = await db(store.import_agent, data, sid, owner=tenant.owner)
+        except ContextBudgetError as exc:
+            last = len(body.versions) - 1
+            raise _bad(f"versions[{last}].text: the head context (the last version) is {exc.original_chars} characters, "
+                       f"over the agent's context budget of {exc.budget}; shorten it or raise settings.context_budget",
+                       f"versions[{last}].text") from None
         except ContextFormatError as exc:
             raise _bad(str(exc), "versions") from None
         except AgentExistsError:

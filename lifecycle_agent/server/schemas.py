@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-from ..agent import AgentSettings
+from ..settings import MAX_CONTEXT_BUDGET, AgentSettings, BudgetPolicy, OnFailedUpdate, ParsePolicy
 from ..prompts import CONTEXT_BEGIN, CONTEXT_END, PROMPT_SETS
 from .auth import MAX_PUBLIC_ID_CHARS
 
@@ -100,16 +100,21 @@ class ErrorResponse(BaseModel):
 # ---------------------------------------------------------------------------------------- agents
 
 
+_SETTINGS = AgentSettings.model_fields
+
+
 class CreateAgentRequest(_Strict):
     """A new agent. Settings left out take the defaults (see ``AgentSettings``)."""
 
     agent_id: AgentIdField
-    context_budget: Optional[json_int(ge=1, le=100_000)] = Field(default=None, description="Maximum context length, characters.")
-    budget_policy: Optional[Literal["truncate", "reject"]] = None
-    parse_policy: Optional[Literal["strict", "lenient"]] = None
-    on_failed_update: Optional[Literal["keep", "reset"]] = Field(
-        default=None, description="After an update with no usable notes: keep the context (default) or reset it.")
-    prompt_set: Optional[PromptSetId] = Field(default=None, description="Prompt-set id.")
+    # the settings' types, limits and descriptions come from AgentSettings (their one home)
+    context_budget: Optional[json_int(ge=1, le=MAX_CONTEXT_BUDGET)] = Field(
+        default=None, description=_SETTINGS["context_budget"].description)
+    budget_policy: Optional[BudgetPolicy] = Field(default=None, description=_SETTINGS["budget_policy"].description)
+    parse_policy: Optional[ParsePolicy] = Field(default=None, description=_SETTINGS["parse_policy"].description)
+    on_failed_update: Optional[OnFailedUpdate] = Field(
+        default=None, description=_SETTINGS["on_failed_update"].description)
+    prompt_set: Optional[PromptSetId] = Field(default=None, description=_SETTINGS["prompt_set"].description)
     context: Optional[SafeText] = Field(default=None, description="Initial context (version 0); empty when left out.")
 
 
