@@ -79,11 +79,12 @@ class RunResult(BaseModel):
 
 @dataclass
 class ModelCall:
-    """A model request yielded by the loop generators."""
+    """A model request yielded by the loop generators, marked with the kind of episode it serves."""
 
     messages: list[dict]
     temperature: Optional[float]
     max_new_tokens: Optional[int]
+    kind: Literal["solve", "update"] = "solve"
 
 
 _Flow = Generator[ModelCall, Generation, Any]
@@ -106,14 +107,18 @@ def _checked(reply: Any, model: ChatModel) -> Generation:
     return reply.check(model_id)
 
 
-def drive(flow: _Flow, model: ChatModel) -> Any:
-    """Run a loop generator to completion with blocking model calls."""
+def drive(flow: _Flow, model: ChatModel, *, route: Optional[Callable[[ModelCall], ChatModel]] = None) -> Any:
+    """Run a loop generator to completion with blocking model calls.
+
+    ``route`` (optional) picks the model of each call (by its ``kind``, say) instead of ``model``.
+    """
     try:
         call = next(flow)
         while True:
             try:
-                reply = _checked(model.generate(call.messages, temperature=call.temperature,
-                                                max_new_tokens=call.max_new_tokens), model)
+                target = model if route is None else route(call)
+                reply = _checked(target.generate(call.messages, temperature=call.temperature,
+                                                 max_new_tokens=call.max_new_tokens), target)
             except ModelCallError as exc:
                 call = flow.throw(exc)
             except BaseException:
@@ -536,7 +541,7 @@ class LifecycleAgent:
             # marked, so a model continues this message instead of starting a new reply after it
             messages = messages + [{"role": "assistant", "content": prefill, "prefill": True}]
         try:
-            reply = yield ModelCall(messages, self._update_temperature(), self.max_new_tokens)
+            reply = yield ModelCall(messages, self._update_temperature(), self.max_new_tokens, kind="update")
         except ModelCallError as exc:
             record.update_status, record.status, record.error = "error", "failed", str(exc)
             record.update_episode_id = self.store.record_episode(

@@ -115,3 +115,42 @@ def test_ralph_checks_the_repository_and_the_check_before_loading_the_model(repo
                        "--check", "no-such-checker -q")
     assert code == 2 and "program 'no-such-checker' was not found" in err
     assert not loaded.exists()
+
+
+def test_ralph_mode_contradicting_the_options_is_an_error_before_anything_runs(repo, capsys):
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--mode", "external", "--check", CHECK)
+    assert code == 2 and "mode 'external' runs an agent command each iteration: give agent_cmd (--agent-cmd)" in err
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--mode", "builtin", "--agent-cmd", AGENT, "--check", CHECK)
+    assert code == 2 and "mode 'builtin'" in err
+    assert not (repo / ".lifecycle-agent").exists()
+
+
+def test_ralph_flags_are_the_config_field_names_and_keep_their_old_spellings(repo, capsys):
+    code, out, _ = cli(capsys, "ralph", "--repo", str(repo), "--mode", "external", "--agent-cmd", AGENT, "--check", CHECK,
+                       "--agent-id", "coder", "--max-iterations", "1", "--json")
+    assert code == 1 and json.loads(out)["agent_id"] == "coder"
+    for flag in ("--agent", "--agent-id", "-a"):
+        code, out, _ = cli(capsys, "ralph", "status", "--repo", str(repo), flag, "coder", "--json")
+        assert code == 0 and len(json.loads(out)["iterations"]) == 1
+
+
+def test_ralph_option_limits_come_from_the_config(repo, capsys):
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", CHECK, "--max-minutes", "0")
+    assert code == 2 and "max_minutes" in err and "greater than 0" in err
+    code, _, err = cli(capsys, "ralph", "--repo", str(repo), "--agent-cmd", AGENT, "--check", CHECK, "--output-chars", "10")
+    assert code == 2 and "--output-chars" in err
+
+
+def test_every_config_field_is_a_flag_named_after_it_with_its_default():
+    import typer
+
+    from lifecycle_agent.cli import app
+    from lifecycle_agent.ralph import RalphConfig
+
+    group = typer.main.get_command(app).commands["ralph"]
+    options = {opt: param for param in group.params for opt in getattr(param, "opts", [])}
+    for name, field in RalphConfig.model_fields.items():
+        param = options[f"--{name.replace('_', '-')}"]
+        assert param.help == field.description
+        if not field.is_required():
+            assert param.default == field.default, name

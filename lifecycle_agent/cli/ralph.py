@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -19,10 +19,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..ralph import (
-    DEFAULT_MARKER, IterationInfo, LoopEvent, LoopResult, LoopStatus, check_setup, loop_status, run_loop,
-)
-from ..ralph.config import DEFAULT_AGENT_ID
+from ..ralph import IterationInfo, LoopEvent, LoopResult, LoopStatus, RalphConfig, check_setup, loop_status, run_loop
 from ..ralph.status import plural
 from . import app
 from .common import API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, console, err_console, load_model, print_json
@@ -37,9 +34,6 @@ ralph_app = typer.Typer(
 )
 app.add_typer(ralph_app, name="ralph")
 
-REPO_HELP = "Top-level directory of the git repository."
-DB_HELP = "SQLite file of the loop (default: <repo>/.lifecycle-agent/ralph.db, git-ignored)."
-AGENT_HELP = "The loop's agent id in the database."
 
 
 def _short(text: Optional[str], width: int = 60) -> str:
@@ -109,38 +103,50 @@ def _notices_to_stderr(event: LoopEvent) -> None:
         err_console.print(Text(event.message, style="yellow"))
 
 
+def _field_option(name: str, *aliases: str, required: bool = False) -> Any:
+    """The option of :class:`RalphConfig` field ``name``: flag ``--name-with-dashes`` (and ``aliases``), its
+    default, help and lower limit read from the field, so each is written once.
+
+    An open lower limit (``gt``) has no click range: :class:`RalphConfig` refuses such values itself.
+    """
+    field = RalphConfig.model_fields[name]
+    limits = {"min": meta.ge for meta in field.metadata if getattr(meta, "ge", None) is not None}
+    # the loop's required fields are optional flags of the callback, which also runs before `ralph status`
+    default = ... if required else None if field.is_required() else field.default
+    return typer.Option(default, f"--{name.replace('_', '-')}", *aliases, help=field.description, **limits)
+
+
 @ralph_app.callback(invoke_without_command=True)
 def ralph(
     ctx: typer.Context,
-    repo: Optional[Path] = typer.Option(None, "--repo", "-r", help=REPO_HELP),
-    prompt: Path = typer.Option(Path("PROMPT.md"), "--prompt", "-p", help="Task file, re-read every iteration (looked up in the repo first)."),
-    check: Optional[str] = typer.Option(None, "--check", "-c", help="Shell command that passes (exit 0) when the task is done, e.g. 'pytest -q'."),
+    repo: Optional[Path] = _field_option("repo", "-r"),
+    prompt: Path = _field_option("prompt", "-p"),
+    check: Optional[str] = _field_option("check", "-c"),
+    mode: Optional[str] = _field_option("mode"),
     model: Optional[str] = typer.Option(
         None, "--model", "-m",
         help="Model spec of the built-in tool agent, or with --agent-cmd the model that writes the notes "
         "(default without --agent-cmd: smollm2).",
     ),
-    agent_cmd: Optional[str] = typer.Option(None, "--agent-cmd", help="External coding CLI; gets the prompt on stdin, works in the repo."),
-    max_iterations: int = typer.Option(10, "--max-iterations", "-n", min=1, help="Iterations of the whole loop (resumed runs included)."),
-    max_minutes: float = typer.Option(60.0, "--max-minutes", min=0.001, help="Wall time of this invocation, minutes."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Model tokens of the whole loop."),
-    notes_file: str = typer.Option("NOTES.md", "--notes-file", help="Notes mirror in the repo, which people may edit between iterations."),
-    max_no_progress: int = typer.Option(3, "--max-no-progress", min=1, help="Stop after this many iterations in a row that change no file."),
-    max_same_failure: int = typer.Option(3, "--max-same-failure", min=1, help="Stop after the same failing check output this many times in a row."),
-    completion_marker: str = typer.Option(DEFAULT_MARKER, "--completion-marker", help="Agent output that ends the loop ('' turns it off)."),
-    check_timeout: float = typer.Option(600.0, "--check-timeout", min=0.01, help="Longest check run, seconds."),
-    agent_timeout: Optional[float] = typer.Option(None, "--agent-timeout", min=0.01, help="Longest agent command run, seconds."),
-    command_timeout: float = typer.Option(60.0, "--command-timeout", min=0.01, help="Longest run_command of the built-in agent, seconds."),
-    max_turns: int = typer.Option(30, "--max-turns", min=1, help="Tool calls of the built-in agent per iteration."),
-    output_chars: int = typer.Option(4000, "--output-chars", min=200, help="Longest output shown to the agent, characters."),
-    context_budget: Optional[int] = typer.Option(None, "--context-budget", min=1, help="Notes budget, characters (stored with the agent)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature of the model."),
-    max_new_tokens: Optional[int] = typer.Option(
-        None, "--max-new-tokens", min=1, help="New tokens per model call (default: the model's own; 4096 at most under --max-tokens).",
-    ),
-    allow_dirty: bool = typer.Option(False, "--allow-dirty", help="Start although the repo has uncommitted changes (committed before the first iteration)."),
-    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
-    agent: str = typer.Option(DEFAULT_AGENT_ID, "--agent", "-a", help=AGENT_HELP),
+    agent_cmd: Optional[str] = _field_option("agent_cmd"),
+    max_iterations: int = _field_option("max_iterations", "-n"),
+    max_minutes: float = _field_option("max_minutes"),
+    max_tokens: Optional[int] = _field_option("max_tokens"),
+    notes_file: str = _field_option("notes_file"),
+    max_no_progress: int = _field_option("max_no_progress"),
+    max_same_failure: int = _field_option("max_same_failure"),
+    completion_marker: Optional[str] = _field_option("completion_marker"),
+    check_timeout: float = _field_option("check_timeout"),
+    agent_timeout: Optional[float] = _field_option("agent_timeout"),
+    command_timeout: float = _field_option("command_timeout"),
+    max_turns: int = _field_option("max_turns"),
+    output_chars: int = _field_option("output_chars"),
+    context_budget: Optional[int] = _field_option("context_budget"),
+    temperature: Optional[float] = _field_option("temperature"),
+    max_new_tokens: Optional[int] = _field_option("max_new_tokens"),
+    allow_dirty: bool = _field_option("allow_dirty"),
+    db: Optional[Path] = _field_option("db"),
+    agent_id: str = _field_option("agent_id", "--agent", "-a"),
     base_url: Optional[str] = BASE_URL_OPTION,
     api_key: Optional[str] = API_KEY_OPTION,
     as_json: bool = JSON_OPTION,
@@ -152,41 +158,34 @@ def ralph(
         raise typer.BadParameter("give the repository with --repo DIR", param_hint="--repo")
     if check is None:
         raise typer.BadParameter("give the check command, e.g. --check 'pytest -q'", param_hint="--check")
-    options = dict(
-        prompt=prompt, agent_cmd=agent_cmd, max_iterations=max_iterations, max_minutes=max_minutes,
-        max_tokens=max_tokens, notes_file=notes_file, max_no_progress=max_no_progress, max_same_failure=max_same_failure,
-        completion_marker=completion_marker or None, check_timeout=check_timeout, agent_timeout=agent_timeout,
-        command_timeout=command_timeout, max_turns=max_turns, output_chars=output_chars, context_budget=context_budget,
-        temperature=temperature, max_new_tokens=max_new_tokens, allow_dirty=allow_dirty, db=db, agent_id=agent,
-    )
-    with_model = model is not None or agent_cmd is None
-    check_setup(repo, check=check, with_model=with_model, **options)  # before loading a model: its errors come first
+    config = RalphConfig.build(**RalphConfig.fields_in(locals()))  # the parameters are named after the fields
+    with_model = model is not None or config.mode == "builtin"
+    check_setup(config=config, with_model=with_model)  # before loading a model: its errors come first
     chat_model = None
     if with_model:
         spec = model or "smollm2"
         if not as_json:
             err_console.print(f"loading model {escape(spec)} ...")
         chat_model = load_model(spec, base_url, api_key)
-    options["model"] = chat_model
     try:
         if as_json:
-            result = run_loop(repo, check=check, on_event=_notices_to_stderr, **options)
+            result = run_loop(config=config, model=chat_model, on_event=_notices_to_stderr)
             print_json(result.model_dump())
         else:
-            result = _run_with_progress(repo, check, max_iterations, options)
+            result = _run_with_progress(config, chat_model)
     finally:
         if chat_model is not None:
             chat_model.close()
     raise typer.Exit(0 if result.passed else 1)
 
 
-def _run_with_progress(repo: Path, check: str, max_iterations: int, options: dict) -> LoopResult:
+def _run_with_progress(config: RalphConfig, model: Any) -> LoopResult:
     progress = Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=console, transient=True,
     )
     with progress:
         bar = progress.add_task("starting", total=None)
-        result = run_loop(repo, check=check, on_event=_progress_handler(progress, bar), **options)
+        result = run_loop(config=config, model=model, on_event=_progress_handler(progress, bar))
     ran = result.iterations[-result.iterations_run :] if result.iterations_run else []
     if ran:
         console.print(iterations_table(ran, f"ralph loop on {escape(result.repo)}"))
@@ -244,13 +243,13 @@ def print_status(status: LoopStatus) -> None:
 
 @ralph_app.command("status")
 def status(
-    repo: Path = typer.Option(..., "--repo", "-r", help=REPO_HELP),
-    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
-    agent: str = typer.Option(DEFAULT_AGENT_ID, "--agent", "-a", help=AGENT_HELP),
+    repo: Path = _field_option("repo", "-r", required=True),
+    db: Optional[Path] = _field_option("db"),
+    agent_id: str = _field_option("agent_id", "--agent", "-a"),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Iterations, check results, runs and the notes history of the loop on a repository (safe while it runs)."""
-    result = loop_status(repo, db=db, agent_id=agent)
+    result = loop_status(repo, db=db, agent_id=agent_id)
     if as_json:
         print_json({**result.model_dump(), "passed": result.passed})
     else:

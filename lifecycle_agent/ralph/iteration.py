@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..agent import ModelCall
+from ..errors import ModelCallError
 from ..models.base import ChatModel, Generation
-from ..models.scripted import is_update
 from ..tasks import InteractiveTask, StepResult
 from . import prompts
 from .config import TOKEN_LIMIT_FINISH, RalphConfig
@@ -148,12 +149,14 @@ class MeteredModel(ChatModel):
 
     A call that does not fit is not made: its reply is empty, with no tokens and
     ``finish_reason`` :data:`~lifecycle_agent.ralph.config.TOKEN_LIMIT_FINISH` (an empty
-    update reply leaves the notes as they are).
+    update reply leaves the notes as they are), and the meter records ``what`` (what the
+    call was, in words: ``the notes update``, ``a call of the agent``) as refused.
     """
 
-    def __init__(self, inner: ChatModel, meter: TokenMeter):
+    def __init__(self, inner: ChatModel, meter: TokenMeter, what: str):
         self.inner = inner
         self.meter = meter
+        self.what = what
         self.model_id = inner.model_id
         self.default_temperature = inner.default_temperature
 
@@ -163,7 +166,7 @@ class MeteredModel(ChatModel):
         if room is None:
             return max_new_tokens
         if room < 1:
-            self.meter.refused = "the notes update" if is_update(messages) else "a call of the agent"
+            self.meter.refused = self.what
             return 0
         return min(max_new_tokens or _own_cap(self.inner), room)
 
@@ -235,19 +238,31 @@ def _command_status(result: CommandResult) -> str:
 
 
 class RoutedModel(ChatModel):
-    """Solve calls go to one model (an agent command), update calls to another (a chat model)."""
+    """The model of each episode kind: solve calls go to one (the built-in agent's model or an agent
+    command), update calls to another (``None``: no model writes the notes; the agent command keeps them).
 
-    def __init__(self, solve: ChatModel, update: ChatModel):
+    The kind is the one each :class:`~lifecycle_agent.agent.ModelCall` is marked with, so the
+    loop drives its flows with ``route=`` :meth:`route`; nothing reads a prompt to tell the kinds apart.
+    """
+
+    def __init__(self, solve: ChatModel, update: Optional[ChatModel], model_id: str):
         self.solve = solve
         self.update = update
-        self.model_id = f"{solve.model_id}+{update.model_id}"
+        self.model_id = model_id
+
+    def route(self, call: ModelCall) -> ChatModel:
+        if call.kind == "solve":
+            return self.solve
+        if self.update is None:
+            raise ModelCallError("no model writes the notes in this loop (the agent command keeps them itself)")
+        return self.update
 
     def generate(self, messages, *, temperature=None, max_new_tokens=None) -> Generation:
-        target = self.update if is_update(messages) else self.solve
-        return target.generate(messages, temperature=temperature, max_new_tokens=max_new_tokens)
-
-    def close(self) -> None:
-        self.update.close()
+        # a bare call carries no episode kind, and guessing it from the prompt is what routing by kind replaces
+        raise ModelCallError(
+            f"model {self.model_id} answers only calls marked with their episode kind: "
+            "drive the flow with drive(flow, model, route=model.route)"
+        )
 
 
 def instructions(config: RalphConfig, *, builtin: bool, agent_notes: bool, notes_budget: int) -> str:
