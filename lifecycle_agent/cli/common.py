@@ -39,10 +39,11 @@ def config_option(config_class: Any, name: str, *names: str, default: Any = _FIE
     the field, so the CLI never restates them. ``names`` are the flags (default ``--field-name``); ``default=...``
     makes the option required."""
     field = config_class.model_fields[name]
-    if default is _FIELD_DEFAULT:
-        default = None if field.default_factory is not None else field.default
+    if default is _FIELD_DEFAULT:  # a required field is an optional flag here: the config says what is missing
+        default = None if field.default_factory is not None or field.is_required() else field.default
         if isinstance(default, (list, tuple)):
             default = ",".join(map(str, default))
+    # closed bounds become click ranges; an open one (gt, lt) has none: the config refuses such values itself
     for bound in field.metadata:
         for ours, theirs in (("min", "ge"), ("max", "le")):
             value = getattr(bound, theirs, None)

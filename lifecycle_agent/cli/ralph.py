@@ -22,7 +22,9 @@ from rich.text import Text
 from ..ralph import IterationInfo, LoopEvent, LoopResult, LoopStatus, RalphConfig, check_setup, loop_status, run_loop
 from ..ralph.status import plural
 from . import app
-from .common import API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, console, err_console, load_model, print_json
+from .common import (
+    API_KEY_OPTION, BASE_URL_OPTION, JSON_OPTION, config_option, console, err_console, load_model, print_json,
+)
 
 ralph_app = typer.Typer(
     short_help="Run a coding agent in a loop on a git repository until a check passes; `ralph status` shows it.",
@@ -104,16 +106,10 @@ def _notices_to_stderr(event: LoopEvent) -> None:
 
 
 def _field_option(name: str, *aliases: str, required: bool = False) -> Any:
-    """The option of :class:`RalphConfig` field ``name``: flag ``--name-with-dashes`` (and ``aliases``), its
-    default, help and lower limit read from the field, so each is written once.
-
-    An open lower limit (``gt``) has no click range: :class:`RalphConfig` refuses such values itself.
-    """
-    field = RalphConfig.model_fields[name]
-    limits = {"min": meta.ge for meta in field.metadata if getattr(meta, "ge", None) is not None}
+    """The option of :class:`RalphConfig` field ``name`` (flag ``--name-with-dashes`` and ``aliases``)."""
     # the loop's required fields are optional flags of the callback, which also runs before `ralph status`
-    default = ... if required else None if field.is_required() else field.default
-    return typer.Option(default, f"--{name.replace('_', '-')}", *aliases, help=field.description, **limits)
+    return config_option(RalphConfig, name, f"--{name.replace('_', '-')}", *aliases,
+                         **({"default": ...} if required else {}))
 
 
 @ralph_app.callback(invoke_without_command=True)
