@@ -260,14 +260,24 @@ RUN_LEASE_S = 900.0
 
 
 class Store:
-    """The SQLite store behind every agent. Thread-safe; one connection per ``Store``.
+    """The store behind every agent: SQLite (the default), or PostgreSQL for a ``postgresql://`` URL. Thread-safe;
+    one connection per SQLite ``Store`` (a connection pool for PostgreSQL, see :mod:`lifecycle_agent.store_pg`).
 
     Args:
-        path: database file. Its directory must exist. ``":memory:"`` for tests.
+        path: database file (its directory must exist; ``":memory:"`` for tests), or
+            ``postgresql://user@host/dbname`` (``pip install 'lifecycle-agent[postgres]'``).
         busy_timeout: seconds one attempt at a write waits for another process's write lock
             (default 10 s). A write makes ``LOCK_ATTEMPTS`` (3) attempts, so it raises
             :class:`StoreLockedError` after about 3 x ``busy_timeout`` (30 s by default).
     """
+
+    def __new__(cls, path: Any = None, *args: Any, **kwargs: Any) -> "Store":
+        # a postgresql:// URL opens the PostgreSQL backend (psycopg is imported only then)
+        if cls is Store and isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+            from .store_pg import PostgresStore
+
+            return super().__new__(PostgresStore)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, *, create: bool = True):
         self.path = str(path)
@@ -309,6 +319,11 @@ class Store:
             self.conn.close()
             raise
 
+    @staticmethod
+    def _ddl(statement: str) -> str:
+        """A schema statement in this backend's dialect (the migrations are written once, for SQLite)."""
+        return statement
+
     @property
     def db(self):
         """A ``sqlite_utils.Database`` over this store's connection, for ad-hoc queries and analysis."""
@@ -318,8 +333,11 @@ class Store:
             self._db = sqlite_utils.Database(self.conn)
         return self._db
 
+    #: The store's own tables, as the catalogue lists them (``name``), excluding the engine's internal ones.
+    _SQL_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+
     def table_names(self) -> list[str]:
-        return [r["name"] for r in self._read("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return [r["name"] for r in self._read(self._SQL_TABLES)]
 
     # ---------------------------------------------------------------- plumbing
     def close(self) -> None:
@@ -422,13 +440,11 @@ class Store:
             return
         with self.transaction() as conn:
             # decided under the write lock: another process may have created or migrated the schema meanwhile
-            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+            tables = [r[0] for r in conn.execute(self._SQL_TABLES).fetchall()]
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if "meta" in tables else None
             current = int(row[0]) if row else 0
             if current >= SCHEMA_VERSION:
                 return
-            tables = [r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
             if current == 0 and tables:
                 # tables but no schema record of ours: another application's database (even with a table called
                 # "agents"). Refused inside the transaction, which rolls back: nothing is written
@@ -439,9 +455,10 @@ class Store:
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
-                        conn.execute(statement)
+                        conn.execute(self._ddl(statement))
             conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),)
             )
 
     # ---------------------------------------------------------------- agents
@@ -704,6 +721,44 @@ class Store:
                 )
         return self.get_agent(new_id)
 
+    # ---------------------------------------------------------------- whole-store copy
+    #: Tables in the order a copy writes them (parents first), each with the order its rows are read in.
+    _COPY_ORDER = (("agents", "agent_id"), ("contexts", "agent_id, version"), ("episodes", "episode_id"),
+                   ("runs", "run_id"))
+    _COPY_PAGE = 500
+
+    def copy_to(self, target: "Store") -> dict[str, int]:
+        """Copy every agent, context version, episode and run into ``target`` (an empty store, either backend).
+
+        One transaction on the target: a failure leaves it empty. Ids are kept (episode ids too, so
+        references between episodes hold). Stop the writers of this store first: rows written during
+        the copy may be missed. Returns the rows copied per table.
+        """
+        filled = [table for table, _ in self._COPY_ORDER if target._read(f"SELECT 1 AS x FROM {table} LIMIT 1")]
+        if filled:
+            raise StoreError(
+                f"database {target.path} is not empty (it holds {', '.join(filled)}); "
+                "copy into a new, empty database"
+            )
+        counts: dict[str, int] = {}
+        with target.transaction() as conn:
+            for table, order in self._COPY_ORDER:
+                counts[table] = 0
+                while True:
+                    rows = self._read(f"SELECT * FROM {table} ORDER BY {order} LIMIT ? OFFSET ?",
+                                      (self._COPY_PAGE, counts[table]))
+                    for row in rows:
+                        conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                                     tuple(row.values()))
+                    counts[table] += len(rows)
+                    if len(rows) < self._COPY_PAGE:
+                        break
+            target._after_copy(conn)
+        return counts
+
+    def _after_copy(self, conn: Any) -> None:
+        """Bring the target's id counters past the copied ids (SQLite's AUTOINCREMENT follows on its own)."""
+
     # ---------------------------------------------------------------- episodes
     def record_episode(self, **fields: Any) -> int:
         """Insert one finished episode; returns its id. JSON fields are serialised here."""
@@ -746,8 +801,8 @@ class Store:
     def _insert_episode(self, conn: sqlite3.Connection, row: dict[str, Any]) -> int:
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        cur = conn.execute(f"INSERT INTO episodes ({columns}) VALUES ({marks})", tuple(row.values()))
-        return int(cur.lastrowid)
+        cur = conn.execute(f"INSERT INTO episodes ({columns}) VALUES ({marks}) RETURNING episode_id", tuple(row.values()))
+        return int(cur.fetchone()[0])
 
     def episodes(
         self,
@@ -801,25 +856,32 @@ class Store:
             )
         return True
 
+    #: The dialect's JSON reads (the only SQL that differs between the backends besides the schema catalogue).
+    _SQL_UPDATE_LANDED = (
+        "SELECT 1 FROM episodes WHERE kind = 'update' AND json_extract(metadata, '$.solve_episode_id') = ? LIMIT 1"
+    )
+    _SQL_CLAIMED_SOLVES = (
+        "SELECT episode_id, metadata FROM episodes WHERE kind = 'solve' AND json_extract(metadata, '$.feedback_claim') "
+        "IS NOT NULL AND json_extract(metadata, '$.awaiting_feedback') = 0"
+    )
+
     @staticmethod
-    def _claim_is_dead(conn: sqlite3.Connection, episode_id: int, metadata: dict) -> bool:
+    def _json_key(value: int) -> Any:
+        """A value compared with a JSON field read by the dialect's SQL (SQLite: the number itself)."""
+        return value
+
+    def _claim_is_dead(self, conn: Any, episode_id: int, metadata: dict) -> bool:
         """A claim whose process is gone and whose update episode never landed."""
         claim = metadata.get("feedback_claim")
         if not isinstance(claim, dict) or not _holder_dead(claim.get("holder"), float(claim.get("at") or 0)):
             return False
-        landed = conn.execute(
-            "SELECT 1 FROM episodes WHERE kind = 'update' AND json_extract(metadata, '$.solve_episode_id') = ? LIMIT 1",
-            (episode_id,),
-        ).fetchone()
+        landed = conn.execute(self._SQL_UPDATE_LANDED, (self._json_key(episode_id),)).fetchone()
         return landed is None
 
     def release_dead_claims(self) -> int:
         """Release every feedback claim whose process died before its update landed (a server calls it at start);
         returns how many. The completion can then be rated again."""
-        rows = self._read(
-            "SELECT episode_id, metadata FROM episodes WHERE kind = 'solve' AND json_extract(metadata, '$.feedback_claim') "
-            "IS NOT NULL AND json_extract(metadata, '$.awaiting_feedback') = 0"
-        )
+        rows = self._read(self._SQL_CLAIMED_SOLVES)
         released = 0
         for row in rows:
             with self.transaction() as conn:  # re-read inside: another replica may have taken it over meanwhile
@@ -938,8 +1000,8 @@ class Store:
             # one episode per finished task completes it: the update, or the solve of a task that failed in its own
             # code (an update whose reply held no notes is a finished task, not a failed one)
             done, failed = conn.execute(
-                "SELECT COALESCE(SUM(NOT (kind = 'solve' AND status = 'failed')), 0), "
-                "COALESCE(SUM(kind = 'solve' AND status = 'failed'), 0) FROM episodes "
+                "SELECT COALESCE(SUM(CASE WHEN kind = 'solve' AND status = 'failed' THEN 0 ELSE 1 END), 0), "
+                "COALESCE(SUM(CASE WHEN kind = 'solve' AND status = 'failed' THEN 1 ELSE 0 END), 0) FROM episodes "
                 "WHERE run_id = ? AND completes_task = 1", (run_id,),
             ).fetchone()
             conn.execute(

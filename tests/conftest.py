@@ -39,3 +39,29 @@ def make_agent(db_path, scripted):
     yield factory
     for agent in created:
         agent.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (see tests/helpers/postgres.py); skips with the reason when none starts."""
+    from helpers import postgres
+
+    server = postgres.start()
+    if isinstance(server, str):
+        pytest.skip(f"PostgreSQL tests skipped: {server}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty PostgreSQL database on the session's server."""
+    return pg_server.fresh_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path):
+    """The database of a store test on each backend: an SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "agents.db")
+    return request.getfixturevalue("pg_url")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lifecycle_agent.store import Store
+
 HELPERS = str(Path(__file__).parent / "helpers")
 
 
@@ -158,11 +160,12 @@ def _wait_up(port, proc):
     pytest.fail("the server did not start")
 
 
-def test_feedback_whose_server_died_during_its_update_can_be_given_again_and_lands_once(tmp_path):
+def test_feedback_whose_server_died_during_its_update_can_be_given_again_and_lands_once(any_db):
+    """On SQLite and on PostgreSQL (where the replicas of a deployment share one database)."""
     pytest.importorskip("fastapi")
     import threading
 
-    db, port = str(tmp_path / "serve.db"), _free_port()
+    db, port = any_db, _free_port()
     server = _serve(db, port, delay=3)
     try:
         _wait_up(port, server)
@@ -192,6 +195,6 @@ def test_feedback_whose_server_died_during_its_update_can_be_given_again_and_lan
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    conn = sqlite3.connect(db)
-    assert conn.execute("SELECT COUNT(*) FROM contexts WHERE agent_id = 'shop'").fetchone()[0] == 2  # v0 and v1
-    assert conn.execute("SELECT COUNT(*) FROM episodes WHERE kind = 'update' AND status = 'ok'").fetchone()[0] == 1
+    with Store(db) as store:
+        assert [v.version for v in store.history("shop")] == [0, 1]
+        assert [e.status for e in store.episodes("shop", kind="update")] == ["ok"]

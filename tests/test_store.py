@@ -20,8 +20,9 @@ from lifecycle_agent.store import ContextConflictError, Store
 
 
 @pytest.fixture
-def store(db_path):
-    s = Store(db_path)
+def store(any_db):
+    """A store with one agent, on each backend (SQLite, then a real PostgreSQL server)."""
+    s = Store(any_db)
     s.create_agent("a1", {"context_budget": 100})
     yield s
     s.close()
@@ -135,7 +136,7 @@ def test_delete_agent_removes_its_rows_only(store):
     store.record_episode(agent_id="a1", kind="solve", status="ok", messages=[])
     store.delete_agent("a1")
     assert not store.has_agent("a1") and store.has_agent("keep")
-    assert store.conn.execute("SELECT COUNT(*) FROM episodes").fetchone()[0] == 0
+    assert store._read("SELECT COUNT(*) AS n FROM episodes")[0]["n"] == 0
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
@@ -240,7 +241,8 @@ def test_unknown_episode_fields_are_refused(store):
         store.record_episode(agent_id="a1", kind="solve", status="ok", bogus=1)
 
 
-def test_task_lookup_uses_its_index_so_cost_stays_flat_as_the_agent_ages(store):
+def test_task_lookup_uses_its_index_so_cost_stays_flat_as_the_agent_ages(db_path):
+    store = Store(db_path)  # SQLite's query planner
     plan = store.conn.execute(
         "EXPLAIN QUERY PLAN SELECT * FROM episodes WHERE agent_id = ? AND task_id = ? ORDER BY episode_id DESC LIMIT 4",
         ("a1", "t"),

@@ -35,6 +35,7 @@ from . import eval as _eval  # noqa: E402,F401
 from . import ralph as _ralph  # noqa: E402,F401
 from . import serve as _serve  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
+from . import db as _db  # noqa: E402,F401
 
 
 #: Optional dependency (top-level module) -> the extra that installs it.

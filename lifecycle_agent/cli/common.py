@@ -12,7 +12,10 @@ from rich.console import Console
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-DB_OPTION = typer.Option("lifecycle-agent.db", "--db", help="SQLite database file holding the agents.")
+DB_OPTION = typer.Option(
+    "lifecycle-agent.db", "--db",
+    help="Where the agents are stored: an SQLite file, or postgresql://user@host/dbname (the postgres extra).",
+)
 AGENT_OPTION = typer.Option("default", "--agent", "-a", help="Agent id.")
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 MODEL_OPTION = typer.Option(

@@ -199,7 +199,9 @@ def export(
 @context_app.command("import")
 def import_(
     file: Path = typer.Argument(..., help="A JSON file written by 'context export'."),
-    db: str = typer.Option("lifecycle-agent.db", "--db", help="SQLite database file (created if missing)."),
+    db: str = typer.Option(
+        "lifecycle-agent.db", "--db", help="An SQLite file (created if missing) or postgresql://user@host/dbname."
+    ),
     agent: Optional[str] = typer.Option(None, "--agent", "-a", help="Id for the imported agent (default: the exported id)."),
     as_json: bool = JSON_OPTION,
     busy_timeout: float = BUSY_TIMEOUT_OPTION,
