@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..models.base import Generation
 from ..settings import AgentSettings
-from ..store import AgentInfo, ContextVersion, EpisodeRow
+from ..store import AgentInfo, ContextVersion, EpisodeRow, Store
 from .auth import Tenant
 from .service import AgentService
 
@@ -141,7 +141,7 @@ class TenantAgents:
         self.service, self.tenant = service, tenant
 
     @property
-    def store(self):
+    def store(self) -> Store:
         return self.service.store
 
     def ref(self, public_id: str) -> AgentRef:
@@ -173,7 +173,7 @@ class TenantAgents:
             return None
 
     # ------------------------------------------------------------------ agents
-    async def list(self) -> list[AgentInfo]:
+    async def list_agents(self) -> list[AgentInfo]:
         """The caller's agents (in local-only mode, every agent)."""
         infos = await self.service.db(self.store.list_agents, owner=self.tenant.owner)
         return [i for i in infos if self.tenant.public_id(i.agent_id)]
@@ -186,7 +186,7 @@ class TenantAgents:
             raise AgentExistsError(f"you already have an agent {ref.public_id!r}; choose another id") from None
         return agent_view(self.tenant, info)
 
-    async def import_(self, ref: AgentRef, data: dict[str, Any]) -> dict[str, Any]:
+    async def import_agent(self, ref: AgentRef, data: dict[str, Any]) -> dict[str, Any]:
         """An agent from an export document (``AgentExistsError``, ``ContextFormatError`` as the store words them)."""
         info = await self.service.db(self.store.import_agent, data, ref.stored_id, owner=self.tenant.owner)
         return agent_view(self.tenant, info)

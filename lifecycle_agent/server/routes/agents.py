@@ -33,7 +33,7 @@ async def create_agent(request: Request, agents: AgentsDep, body: s.CreateAgentR
 
 @router.get("/v1/agents", response_model=s.AgentList)
 async def list_agents(agents: AgentsDep):
-    return {"object": "list", "data": [agent_view(agents.tenant, i) for i in await agents.list()]}
+    return {"object": "list", "data": [agent_view(agents.tenant, i) for i in await agents.list_agents()]}
 
 
 @router.post("/v1/imports", response_model=s.AgentResponse, status_code=201, responses={**BODY_ERRORS, **CONFLICT})
@@ -53,7 +53,7 @@ async def import_agent(
     except (ValueError, TypeError) as exc:
         raise bad(f"settings: {exc}", "settings") from None
     try:
-        return await agents.import_(agent, data)
+        return await agents.import_agent(agent, data)
     except ContextBudgetError as exc:
         last = len(body.versions) - 1
         raise bad(f"versions[{last}].text: the head context (the last version) is {exc.original_chars} characters, "

@@ -35,7 +35,7 @@ _SSE_EVENT = {
 @router.get("/v1/models", response_model=s.ModelList)
 async def list_models(agents: AgentsDep):
     """The caller's agents, as OpenAI models (``model`` in a chat completion is the agent id)."""
-    infos = await agents.list()
+    infos = await agents.list_agents()
     return {"object": "list", "data": [model_view(agents.tenant.public_id(i.agent_id), i) for i in infos]}
 
 
