@@ -17,6 +17,7 @@ from typing import Any, Optional
 from ...errors import ModelCallError, ModelSpecError
 from ...protocol import flatten_content
 from .loading import _context_limit, _eos_ids
+from .prefix_cache import PrefixCache
 
 _STOP = object()
 #: batch scheduling policies of the engine (see the package docstring).
@@ -39,6 +40,7 @@ class _Row:
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     peak: int = 0  # most rows that shared a step with this one
+    version: Any = None  # the weights version its cached states were computed with (prefix cache)
 
     @property
     def sequence(self) -> list[int]:
@@ -136,6 +138,7 @@ class _Engine:
         batch_wait_ms: float = 5.0,
         num_threads: Optional[int] = None,
         scheduling: str = "auto",
+        prefix_cache_mb: float = 256,
     ):
         if scheduling not in SCHEDULING:
             raise ModelSpecError(f"scheduling must be one of {', '.join(SCHEDULING)}, got {scheduling!r}")
@@ -145,6 +148,8 @@ class _Engine:
             raise ModelSpecError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
         if num_threads is not None and int(num_threads) < 1:
             raise ModelSpecError(f"num_threads must be >= 1 or None, got {num_threads}")
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or not prefix_cache_mb >= 0:
+            raise ModelSpecError(f"prefix_cache_mb must be a number >= 0 (MiB; 0 switches the cache off), got {prefix_cache_mb!r}")
         if not callable(getattr(model, "generate", None)):
             raise ModelSpecError(f"{type(model).__name__} has no generate(): pass a transformers causal LM")
         if not callable(getattr(tokenizer, "apply_chat_template", None)):
@@ -175,6 +180,8 @@ class _Engine:
             params = inspect.signature(_base_model(model).forward).parameters
             self._logits_to_keep = "logits_to_keep" in params
             self._cache_keyword = _cache_keyword(params)
+        #: key/value states of prompt prefixes already computed (continuous scheduling only; see prefix_cache.py)
+        self.prefix_cache = PrefixCache(model, prefix_cache_mb if self.scheduling == "continuous" else 0)
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe for concurrent use
         self._generate_lock = threading.Lock()  # one forward/generate at a time, even across a worker restart
         # re-entrant: a dropped view's finalizer (release) may run from GC while this thread holds it
@@ -183,7 +190,8 @@ class _Engine:
         self._worker: Optional[threading.Thread] = None
         self._views = 0
         self._stats = {"generate_calls": 0, "requests": 0, "largest_batch": 0, "completion_tokens": 0,
-                       "forward_passes": 0, "preemptions": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
+                       "forward_passes": 0, "preemptions": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                       "prompt_tokens": 0, "prompt_tokens_computed": 0}
 
     def _pad_id(self) -> int:
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -216,7 +224,9 @@ class _Engine:
     @property
     def stats(self) -> dict:
         with self._lock:
-            return dict(self._stats)
+            stats = dict(self._stats)
+        stats.update(self.prefix_cache.stats)
+        return stats
 
     def count(self, **increments) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ _KEEP = object()
 #: keyword options of :class:`LocalModel` (what ``from_pretrained`` / ``resolve_model`` pass through).
 LOCAL_OPTIONS = (
     "model_id", "default_temperature", "max_new_tokens", "max_batch_size", "batch_wait_ms", "num_threads", "scheduling",
+    "prefix_cache_mb",
 )
 
 
@@ -44,6 +45,11 @@ class LocalModel(ChatModel):
             ``model.generate`` call: nobody joins, every row waits for the longest), or
             ``"auto"`` (the default: continuous when the model's cache allows it, see
             :func:`supports_continuous`; the choice is in ``.scheduling``).
+        prefix_cache_mb: memory bound (MiB) of the prefix cache: key/value states of prompts
+            already computed, reused by later prompts that share a prefix (system prompt,
+            instructions, a pack's earlier episodes), least recently used evicted first.
+            Emptied automatically whenever the weights or the active adapter change.
+            ``0`` switches it off. Continuous scheduling only.
 
     Calls from many threads or coroutines are served by one worker thread in batches
     (see the module docstring). :meth:`share` makes another view on the same weights and
@@ -65,6 +71,7 @@ class LocalModel(ChatModel):
         batch_wait_ms: float = 5.0,
         num_threads: Optional[int] = None,
         scheduling: str = "auto",
+        prefix_cache_mb: float = 256,
     ):
         if model_id is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -77,6 +84,7 @@ class LocalModel(ChatModel):
             batch_wait_ms=batch_wait_ms,
             num_threads=num_threads,
             scheduling=scheduling,
+            prefix_cache_mb=prefix_cache_mb,
         )
         self._attach(engine, model_id=model_id, default_temperature=default_temperature, max_new_tokens=max_new_tokens)
 
@@ -142,7 +150,8 @@ class LocalModel(ChatModel):
                 float32 on CPU, bfloat16 (or float16) on GPU.
             model_id: default ``hf:PATH`` or ``hf:PATH@ADAPTER``.
             options: passed to :class:`LocalModel` (``default_temperature``, ``max_new_tokens``,
-                ``max_batch_size``, ``batch_wait_ms``, ``num_threads``, ``scheduling``).
+                ``max_batch_size``, ``batch_wait_ms``, ``num_threads``, ``scheduling``,
+                ``prefix_cache_mb``).
         """
         unknown = sorted(set(options) - set(LOCAL_OPTIONS))
         if unknown:
@@ -173,14 +182,24 @@ class LocalModel(ChatModel):
         ``generate_calls`` (static: ``model.generate`` calls; continuous: admissions, i.e.
         prompt forward passes), ``forward_passes`` (continuous only: admissions plus decode
         steps), ``prefill_seconds`` / ``decode_seconds`` (continuous only: time in admission
-        and decode forward passes) and ``preemptions`` (continuous only: rows re-queued after
-        an out-of-memory error).
+        and decode forward passes), ``preemptions`` (rows re-queued after an out-of-memory
+        error), ``prompt_tokens`` (prompt tokens of the requests served) and
+        ``prompt_tokens_computed`` (those a forward pass actually computed: fewer when the
+        prefix cache is hit; a re-prefill counts again), and the prefix cache's
+        ``prefix_cache_hits``, ``prefix_cache_tokens_reused``, ``prefix_cache_invalidations``
+        (times it was emptied by a weights or adapter change), ``prefix_cache_entries`` and
+        ``prefix_cache_mb`` (memory held now).
         """
         return self._engine.stats
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix state (never needed for correctness: weight and adapter changes are
+        detected on their own; useful to free the memory)."""
+        self._engine.prefix_cache.clear()
 
     @property
     def scheduling(self) -> str:

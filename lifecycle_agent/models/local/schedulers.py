@@ -204,7 +204,8 @@ class _Static(_Scheduler):
                     "(the model's generate() bypassed the logits processor)"
                 )
             finishes.append(finish)
-        engine.count(generate_calls=1, requests=n)
+        prompt_tokens = sum(len(row.request.prompt_ids) for row in batch)
+        engine.count(generate_calls=1, requests=n, prompt_tokens=prompt_tokens, prompt_tokens_computed=prompt_tokens)
         engine.note_batch(n)
         return finishes
 
@@ -256,6 +257,22 @@ class _Continuous(_Scheduler):
         return logits, new_cache
 
     def _admit(self, new: list[_Row]) -> None:
+        try:
+            if self.engine.prefix_cache.enabled:
+                logits, cache, mask = self._prefill_each(new)
+            else:
+                logits, cache, mask = self._prefill_together(new)
+        except BaseException as exc:
+            self._fail(exc, new)  # the running rows are untouched
+            return
+        self._merge(cache, mask)
+        self.rows.extend(new)
+        self.engine.count(generate_calls=1, requests=sum(1 for row in new if not row.tokens),
+                          prompt_tokens=sum(len(row.request.prompt_ids) for row in new if not row.tokens))
+        self._sample_and_finish(logits, new, offset=len(self.rows) - len(new))
+
+    def _prefill_together(self, new: list[_Row]):
+        """One forward pass over the rows' sequences, left-padded: ``(logits, cache, mask)``."""
         import torch
         from transformers import DynamicCache
 
@@ -267,18 +284,44 @@ class _Continuous(_Scheduler):
             ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[i, width - len(seq):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        try:
-            logits, cache = self._forward(
-                "prefill", DynamicCache(), input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
+        logits, cache = self._forward(
+            "prefill", DynamicCache(), input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+        )
+        self.engine.count(prompt_tokens_computed=sum(len(seq) for seq in seqs))
+        return logits, cache, mask.to(self.device)
+
+    def _prefill_each(self, new: list[_Row]):
+        """Row by row, each starting from the prefix cache's longest match: ``(logits, cache, mask)``.
+
+        Row by row because rows resume from different prefix lengths (and on CPU a batched
+        prefill is no faster than one row after another). Each row's states are stored as
+        soon as they are computed, so a later row of the same admission already reuses them.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        prefixes = self.engine.prefix_cache
+        version = prefixes.current_version()
+        all_logits, cache, mask = [], None, None
+        for row in new:
+            seq = row.sequence
+            start, layers = prefixes.lookup(seq, version)
+            past = DynamicCache()
+            for index, (keys, values) in enumerate(layers or ()):
+                past.update(keys, values, index)
+            logits, row_cache = self._forward(
+                "prefill", past, input_ids=torch.tensor([seq[start:]], dtype=torch.long, device=self.device),
+                attention_mask=torch.ones((1, len(seq)), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, len(seq), dtype=torch.long, device=self.device)[None],
             )
-        except BaseException as exc:
-            self._fail(exc, new)  # the running rows are untouched
-            return
-        self._merge(cache, mask.to(self.device))
-        self.rows.extend(new)
-        self.engine.count(generate_calls=1, requests=sum(1 for row in new if not row.tokens))
-        self._sample_and_finish(logits, new, offset=len(self.rows) - len(new))
+            self.engine.count(prompt_tokens_computed=len(seq) - start)
+            prefixes.store(seq, [(layer.keys, layer.values) for layer in row_cache.layers], version)
+            row.version = version
+            all_logits.append(logits)
+            row_mask = torch.ones((1, len(seq)), dtype=torch.long, device=self.device)
+            cache, mask = _merged(cache, mask, row_cache, row_mask)
+        return torch.cat(all_logits, 0), cache, mask
 
     def _decode(self) -> None:
         import torch
@@ -301,25 +344,19 @@ class _Continuous(_Scheduler):
     # ---- cache bookkeeping
 
     def _merge(self, cache, mask) -> None:
-        """Append the admitted rows' cache to the running one, left-padding the shorter."""
-        import torch
+        """Append the admitted rows' cache to the running one."""
+        self.cache, self.mask = _merged(self.cache, self.mask, cache, mask)
 
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
+    def _store_finished(self, row: _Row, index: int) -> None:
+        """Keep a finished row's states (its prompt and reply but the last token) in the prefix cache:
+        the next episode of its pack usually starts with them."""
+        prefixes = self.engine.prefix_cache
+        if not prefixes.enabled or row.version is None or prefixes.current_version() != row.version:
             return
-        old_len, new_len = self.mask.shape[1], mask.shape[1]
-        width = max(old_len, new_len)
-
-        def pad(t, n):
-            return t if n == 0 else torch.nn.functional.pad(t, (0, 0, n, 0))
-
-        for old, added in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([pad(old.keys, width - old_len), pad(added.keys, width - new_len)], 0)
-            old.values = torch.cat([pad(old.values, width - old_len), pad(added.values, width - new_len)], 0)
-        self.mask = torch.cat([
-            torch.nn.functional.pad(self.mask, (width - old_len, 0)),
-            torch.nn.functional.pad(mask, (width - new_len, 0)),
-        ], 0)
+        length = len(row.sequence) - 1  # the last token was sampled, not yet fed: it has no states
+        layers = [(layer.keys[index:index + 1, :, -length:, :].clone(),
+                   layer.values[index:index + 1, :, -length:, :].clone()) for layer in self.cache.layers]
+        prefixes.store(row.sequence[:length], layers, row.version)
 
     def _drop(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` in the cache; trim columns that are padding for every row left."""
@@ -353,10 +390,33 @@ class _Continuous(_Scheduler):
             row.peak = max(row.peak, size)
             if token in eos or len(row.tokens) >= row.request.max_new_tokens:
                 done.add(offset + i)
+                self._store_finished(row, offset + i)
                 self._answer(row, "stop" if token in eos else "length")
         if done:
             self._drop([i for i in range(len(self.rows)) if i not in done])
             self.rows = [row for i, row in enumerate(self.rows) if i not in done]
+
+
+def _merged(cache, mask, added, added_mask):
+    """``(cache, mask)`` of the rows of ``cache`` followed by those of ``added``, the shorter left-padded."""
+    import torch
+
+    if cache is None:
+        return added, added_mask
+    old_len, new_len = mask.shape[1], added_mask.shape[1]
+    width = max(old_len, new_len)
+
+    def pad(t, n):
+        return t if n == 0 else torch.nn.functional.pad(t, (0, 0, n, 0))
+
+    for old, new in zip(cache.layers, added.layers):
+        old.keys = torch.cat([pad(old.keys, width - old_len), pad(new.keys, width - new_len)], 0)
+        old.values = torch.cat([pad(old.values, width - old_len), pad(new.values, width - new_len)], 0)
+    mask = torch.cat([
+        torch.nn.functional.pad(mask, (width - old_len, 0)),
+        torch.nn.functional.pad(added_mask, (width - new_len, 0)),
+    ], 0)
+    return cache, mask
 
 
 SCHEDULERS = {"continuous": _Continuous, "static": _Static}
