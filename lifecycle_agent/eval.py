@@ -382,6 +382,9 @@ def _compare_stored(out_dir: Optional[Path], settings: dict[str, Any]) -> None:
             previous = json.loads(settings_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise EvalError(f"{settings_path} cannot be read ({exc}); use a new --out directory") from None
+        if "pack_sizes" not in previous and isinstance(previous.get("environments"), list):
+            # recorded before per-environment pack sizes existed: every environment used the one pack_size
+            previous["pack_sizes"] = {name: previous.get("pack_size") for name in previous["environments"]}
         previous = {k: v for k, v in previous.items() if k not in _RESUMABLE_CHANGES and k in comparable}
         if previous != comparable:
             changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
@@ -427,7 +430,7 @@ def build_report(
             if k not in ("model_id", "model_default_temperature", "prompt_set", "env_options", "concurrency", "pack_sizes")
         },
         "environments": {},
-        "errors": sorted(errors or [], key=lambda e: (e["env"], e["mode"], e["seed"], e["pack"])),
+        "errors": sorted(errors or [], key=lambda e: (e["env"], e["mode"], e["seed"], e["pack"], e.get("instance", -1))),
     }
     for name, env in environments.items():
         entry = {

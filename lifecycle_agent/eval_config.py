@@ -200,17 +200,22 @@ class EvalConfig(BaseModel):
 
     # ------------------------------------------------------------ building
     @classmethod
-    def of(cls, env: Any, **settings: Any) -> "EvalConfig":
+    def of(cls, env: Any, /, **settings: Any) -> "EvalConfig":
         """A checked config from ``env`` (names, or an :class:`EvalConfig` to change) and keyword settings.
 
-        ``None`` for a setting that has a default means "the default" (so a caller can pass every
-        keyword through). Raises :class:`EvalError` naming the setting that is wrong.
+        Over a config, a keyword changes that setting (``env=`` too) and ``None`` means "not given":
+        the config's value stays. From names, ``None`` means the setting's default (so a caller can
+        pass every keyword through). Raises :class:`EvalError` naming the setting that is wrong.
         """
         unknown = sorted(set(settings) - set(cls.model_fields))
         if unknown:
             raise EvalError(f"unknown eval setting(s) {', '.join(unknown)}; settings: {', '.join(cls.model_fields)}")
-        given = {k: v for k, v in settings.items() if v is not None or cls.model_fields[k].default is None}
-        base = env.model_dump() if isinstance(env, EvalConfig) else {"env": env}
+        if isinstance(env, EvalConfig):
+            given = {k: v for k, v in settings.items() if v is not None}
+            base = env.model_dump()
+        else:
+            given = {k: v for k, v in settings.items() if v is not None or cls.model_fields[k].default is None}
+            base = {"env": env}
         try:
             return cls(**{**base, **given})
         except ValidationError as exc:

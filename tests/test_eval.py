@@ -572,3 +572,27 @@ def test_the_eval_cli_takes_its_defaults_and_bounds_from_eval_config():
         assert params[name].help == EvalConfig.model_fields[name].description
     assert params["modes"].default == ",".join(EvalConfig.model_fields["modes"].default)
     assert (params["packs"].min, params["packs"].max) == (1, 10_000)
+
+
+def test_an_eval_recorded_before_per_environment_pack_sizes_resumes(tmp_path):
+    import json as _json
+
+    from lifecycle_agent.eval import SETTINGS_FILE, check_resume, check_settings, _settings
+
+    out = tmp_path / "old"
+    out.mkdir()
+    recorded = _settings(check_settings("fact-recall", pack_size=4))
+    del recorded["pack_sizes"]  # what an older version wrote
+    (out / SETTINGS_FILE).write_text(_json.dumps(recorded))
+    check_resume("fact-recall", out, pack_size=4)  # the same eval: no error
+    with pytest.raises(EvalError, match="pack_size"):
+        check_resume("fact-recall", out, pack_size=3)
+
+
+def test_keywords_over_a_config_change_it_and_none_keeps_its_value():
+    from lifecycle_agent.eval_config import EvalConfig
+
+    config = EvalConfig.of("fact-recall", temperature=0.7, pack_size=4)
+    again = EvalConfig.of(config, temperature=None, pack_size=None, preset=None)
+    assert (again.temperature, again.pack_size, again.preset) == (0.7, 4, "train")
+    assert EvalConfig.of(config, env="preference").env == ["preference"]

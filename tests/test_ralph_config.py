@@ -176,3 +176,11 @@ def test_a_routed_model_called_without_an_episode_kind_says_how_to_drive_it():
     routed = RoutedModel(Recording("solver", "x"), None, "solver")
     with pytest.raises(ModelCallError, match=r"route=model\.route"):
         routed.generate([{"role": "user", "content": "hi"}])
+
+
+def test_the_notes_budget_has_the_agent_settings_limit(tmp_path):
+    from lifecycle_agent.ralph.config import RalphConfig
+    from lifecycle_agent.ralph import RalphError
+
+    with pytest.raises(RalphError, match="context_budget: Input should be less than or equal to 100000"):
+        RalphConfig.build(repo=tmp_path, check="true", agent_cmd="cat", context_budget=200_000)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lifecycle_agent.settings import MAX_CONTEXT_BUDGET
+
 from .cod_config import _check_float, _check_int, check_trainable_spec
 from .errors import TrainConfigError
 
@@ -133,6 +135,8 @@ class DistillConfig:
                               ("max_steps", 1), ("batch_size", 1), ("lora_rank", 1), ("lora_alpha", 1),
                               ("max_length", 16), ("eval_packs", 1), ("eval_max_new_tokens", 1)):
             _check_int(self, name, minimum)
+        if self.context_budget > MAX_CONTEXT_BUDGET:
+            raise TrainConfigError(f"context_budget: must be at most {MAX_CONTEXT_BUDGET}, got {self.context_budget}")
         for name in ("seed", "first_pack_seed", "eval_seed"):
             _check_int(self, name, None)
         for name in ("eval_pack_size", "threads"):

@@ -95,7 +95,7 @@ def eval_command(
     bar = progress.add_task("eval", total=None, status="")
 
     piped = not err_console.is_terminal  # no live bar in a pipe or a log file: print a line now and then instead
-    every = max(1, pack_size or 8)
+    every = config.pack_size or 4  # a progress line about once a pack
 
     def on_progress(event: EvalProgress) -> None:
         reward = "" if event.record is None or event.record.reward is None else f" reward {event.record.reward:.2f}"

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import LifecycleAgentError
+from ..settings import MAX_CONTEXT_BUDGET
 
 #: Where the loop keeps its database, state and lock files, inside the repository (git-ignored).
 STATE_DIR = ".lifecycle-agent"
@@ -96,7 +97,7 @@ class RalphConfig(BaseModel):
         description="Start even when the repository has uncommitted changes (committed before the first iteration).",
     )
     context_budget: Optional[int] = Field(
-        default=None, ge=1, description=f"Notes budget, characters (stored with the agent; new agents get {DEFAULT_NOTES_BUDGET})."
+        default=None, ge=1, le=MAX_CONTEXT_BUDGET, description=f"Notes budget, characters (stored with the agent; new agents get {DEFAULT_NOTES_BUDGET})."
     )
     temperature: Optional[float] = Field(default=None, ge=0, description="Sampling temperature of the model (not set: the model's own).")
     max_new_tokens: Optional[int] = Field(
